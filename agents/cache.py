@@ -1,0 +1,135 @@
+"""Cache lookup: exact answers by fingerprint, L1 in a faust Table, L2 in a shared store.
+
+The fingerprint includes the tenant, so one tenant's answer never serves another. A hit
+goes to postprocess like a model's answer would, so followers waiting on it are released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from typing import Any
+
+from faust.types import StreamT
+from redis.exceptions import RedisError
+
+from schemas.messages import Envelope, Result, Status
+from streams import metrics
+from streams.app import Pipeline
+from topology.settings import CacheSettings
+
+STAGE = "cache"
+TABLE = "cache-exact"
+log = logging.getLogger(__name__)
+
+
+class ExactCache:
+    """TTL and LRU bounds over a Table; eviction runs per partition, in that partition's events.
+
+    A Table writes its changelog to the partition of the event being processed, so a key may
+    only be deleted while handling an event of the partition that owns it.
+    """
+
+    def __init__(self, entries: MutableMapping[str, Any], settings: CacheSettings) -> None:
+        self.entries = entries
+        self.settings = settings
+        self._recency: dict[int, OrderedDict[str, None]] = {}
+
+    def lookup(self, key: str, now: float, partition: int) -> Result | None:
+        stored = self.entries.get(key)
+        if stored is None:
+            return None
+        recency = self._recency.setdefault(partition, OrderedDict())
+        if float(stored["expires_at"]) <= now:
+            del self.entries[key]
+            recency.pop(key, None)
+            return None
+        recency[key] = None
+        recency.move_to_end(key)
+        return Result.model_validate(stored["result"])
+
+    def store(self, key: str, result: Result, ttl_s: float, now: float, partition: int) -> int:
+        """Keep `result` for `ttl_s`; returns how many entries were evicted to make room."""
+        self.entries[key] = {"result": result.model_dump(mode="json"), "expires_at": now + ttl_s}
+        recency = self._recency.setdefault(partition, OrderedDict())
+        recency[key] = None
+        recency.move_to_end(key)
+        evicted = 0
+        while len(recency) > self.settings.max_entries_per_partition:
+            oldest, _ = recency.popitem(last=False)
+            if oldest in self.entries:
+                del self.entries[oldest]
+            evicted += 1
+        return evicted
+
+
+def cacheable(envelope: Envelope) -> bool:
+    """Only complete answers are kept: never errors, never answers cut off by max_tokens."""
+    result = envelope.result
+    return (
+        envelope.request.cache.write
+        and envelope.status == Status.OK
+        and result is not None
+        and result.error is None
+        and bool(result.output)
+        and result.finish_reason != "length"
+    )
+
+
+def exact_cache(pipeline: Pipeline) -> ExactCache:
+    """The cache over the L1 Table, which the cache and postprocess stages share."""
+    return ExactCache(pipeline.table(TABLE, STAGE), pipeline.settings.cache)
+
+
+async def read_l2(pipeline: Pipeline, key: str) -> Result | None:
+    try:
+        raw = await pipeline.cache_store.get(key)
+    except (RedisError, OSError) as exc:
+        log.warning("L2 cache read failed, treating as a miss: %s", exc)
+        metrics.stage_events.labels(STAGE, "l2_error").inc()
+        return None
+    return Result.model_validate_json(raw) if raw is not None else None
+
+
+async def write_l2(pipeline: Pipeline, key: str, result: Result, ttl_s: float) -> None:
+    try:
+        await pipeline.cache_store.set(key, result.model_dump_json().encode(), ttl_s)
+    except (RedisError, OSError) as exc:
+        log.warning("L2 cache write failed: %s", exc)
+        metrics.stage_events.labels(STAGE, "l2_error").inc()
+
+
+def attach(pipeline: Pipeline) -> None:
+    cache = exact_cache(pipeline)
+    ttl_s = pipeline.settings.cache.ttl_s
+
+    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
+    async def cache_lookup(stream: StreamT[bytes]) -> None:
+        async for event, envelope in pipeline.envelopes(stream, STAGE):
+            if await pipeline.finish_if_expired(envelope, STAGE):
+                continue
+            if not envelope.request.cache.read:
+                await pipeline.send("route", envelope)
+                continue
+            key, now, partition = (
+                envelope.fingerprint,
+                envelope.stage_entered_at,
+                event.message.partition,
+            )
+            result = cache.lookup(key, now, partition)
+            if result is not None:
+                result.cache_tier = "l1"
+            else:
+                result = await read_l2(pipeline, key)
+                if result is not None:
+                    result.cache_tier = "l2"
+                    cache.store(key, result, envelope.request.cache.ttl_s or ttl_s, now, partition)
+            if result is None:
+                metrics.stage_events.labels(STAGE, "miss").inc()
+                await pipeline.send("route", envelope)
+                continue
+            metrics.stage_events.labels(STAGE, f"hit_{result.cache_tier}").inc()
+            envelope.result = result
+            envelope.status = Status.CACHED
+            await pipeline.send("postprocess", envelope)

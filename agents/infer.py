@@ -1,0 +1,96 @@
+"""Infer: call the chosen model for each request of a batch, with timeouts and retries.
+
+It runs fused inside the batch agent: both are keyed by model, so a Kafka hop between them
+would buy nothing. Backends (the OpenAI-compatible HTTP one today) live in
+`streams.drivers`; this module decides how long to wait, when to retry and what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Protocol
+
+from schemas.messages import Envelope, ErrorCode, Result, Status
+from streams import metrics
+from topology.settings import InferSettings, ModelSpec, Settings
+
+
+class UpstreamError(Exception):
+    def __init__(
+        self, reason: str, message: str, retryable: bool, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+class ChatBackend(Protocol):
+    async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+        """One call; raises UpstreamError or asyncio.TimeoutError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def backoff_delay(attempt: int, settings: InferSettings, rng: random.Random) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * (2**attempt))
+    return rng.uniform(0.0, ceiling)
+
+
+class InferenceRunner:
+    def __init__(self, settings: Settings, backend: ChatBackend, seed: int | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.rng = random.Random(seed)
+        self.slots = asyncio.Semaphore(settings.infer.max_concurrency)
+
+    async def run(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Answer every envelope of a batch: each gets a result or an error, never nothing."""
+        await asyncio.gather(*(self._answer(e) for e in envelopes))
+        return envelopes
+
+    async def _answer(self, envelope: Envelope) -> None:
+        spec = self.settings.model(envelope.model or "")
+        if spec is None:
+            envelope.fail(ErrorCode.INVALID, "unknown_model", f"no model {envelope.model!r}")
+            return
+        budget = self.settings.infer.timeout_s
+        if envelope.request.deadline is not None:
+            budget = min(budget, envelope.request.deadline - time.time())
+        try:
+            async with self.slots:
+                result = await asyncio.wait_for(self._with_retries(spec, envelope), budget)
+        except TimeoutError:
+            metrics.upstream_calls.labels(spec.name, "timeout").inc()
+            envelope.fail(
+                ErrorCode.TIMEOUT,
+                "upstream_timeout",
+                f"{spec.name} did not answer within {max(budget, 0):.3f}s",
+            )
+            return
+        except UpstreamError as exc:
+            envelope.fail(ErrorCode.UPSTREAM_ERROR, exc.reason, exc.message, exc.retry_after_s)
+            return
+        envelope.result = result
+        envelope.status = Status.OK
+
+    async def _with_retries(self, spec: ModelSpec, envelope: Envelope) -> Result:
+        retries = self.settings.infer.retries
+        for attempt in range(retries + 1):
+            try:
+                result = await self.backend.complete(spec, envelope)
+            except UpstreamError as exc:
+                metrics.upstream_calls.labels(spec.name, exc.reason).inc()
+                if not exc.retryable or attempt == retries:
+                    raise
+                delay = backoff_delay(attempt, self.settings.infer, self.rng)
+                await asyncio.sleep(max(delay, exc.retry_after_s or 0.0))
+                continue
+            metrics.upstream_calls.labels(spec.name, "ok").inc()
+            return result
+        raise AssertionError("unreachable: the last attempt returns or raises")

@@ -1,0 +1,64 @@
+"""Ensemble/postprocess: format the answer, write the cache, release followers.
+
+Every request that passed dedup ends here, answered, cached or failed, so no follower is
+left waiting. This first version takes a single model's answer as is.
+"""
+
+from __future__ import annotations
+
+from faust.types import StreamT
+
+from agents.cache import cacheable, exact_cache, write_l2
+from agents.dedup import inflight_registry
+from schemas.messages import Envelope, Status
+from streams import metrics
+from streams.app import Pipeline
+
+STAGE = "postprocess"
+
+
+def finish(envelope: Envelope) -> None:
+    """Tidy the leader's answer; trailing whitespace is an artefact of generation."""
+    result = envelope.result
+    if result is not None and result.output is not None:
+        result.output = result.output.strip()
+    if envelope.status is None:
+        envelope.status = Status.ERROR if result is None or result.error else Status.OK
+
+
+def merged_answer(follower: Envelope, leader: Envelope) -> Envelope:
+    """A follower takes the leader's result; its own timings stay its own."""
+    follower.result = leader.result.model_copy(deep=True) if leader.result else None
+    follower.model = leader.model
+    follower.merged_with = leader.request.id
+    follower.status = Status.MERGED if leader.status != Status.ERROR else Status.ERROR
+    return follower
+
+
+def attach(pipeline: Pipeline) -> None:
+    cache = exact_cache(pipeline)
+    inflight = inflight_registry(pipeline)
+    default_ttl = pipeline.settings.cache.ttl_s
+
+    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
+    async def postprocess(stream: StreamT[bytes]) -> None:
+        async for event, envelope in pipeline.envelopes(stream, STAGE):
+            finish(envelope)
+            if cacheable(envelope):
+                assert envelope.result is not None
+                ttl = envelope.request.cache.ttl_s or default_ttl
+                evicted = cache.store(
+                    envelope.fingerprint,
+                    envelope.result,
+                    ttl,
+                    envelope.stage_entered_at,
+                    event.message.partition,
+                )
+                metrics.stage_events.labels(STAGE, "cache_evicted").inc(evicted)
+                await write_l2(pipeline, envelope.fingerprint, envelope.result, ttl)
+            followers = inflight.release(envelope.fingerprint, envelope.request.id)
+            metrics.stage_events.labels(STAGE, "released").inc(len(followers))
+            await pipeline.send("respond", envelope)
+            for follower in followers:
+                pipeline.mark(follower, "merge_wait")
+                await pipeline.send("respond", merged_answer(follower, envelope))

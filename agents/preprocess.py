@@ -1,0 +1,212 @@
+"""Preprocess: turn raw bytes from agents into a validated, normalised, fingerprinted envelope.
+
+Anything that cannot become a request is answered (when it names an id) and dead-lettered
+with its raw bytes, so bad input never stops the worker and is never lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from typing import Any
+
+from faust.types import StreamT
+from pydantic import ValidationError
+
+from schemas.messages import Envelope, ErrorCode, ErrorInfo, LLMRequest, LLMResponse, Status, dump
+from streams import metrics
+from streams.app import Pipeline
+from topology.settings import Settings
+
+STAGE = "preprocess"
+TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+WHITESPACE = re.compile(r"\s+")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
+TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+
+
+class InvalidRequest(Exception):
+    """Why raw input is not a request, plus what is known about whom to tell."""
+
+    def __init__(
+        self, reason: str, message: str, request_id: str | None, reply_topic: str | None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.request_id = request_id
+        self.reply_topic = reply_topic
+
+
+def count_tokens(text: str) -> int:
+    """Words and punctuation marks: close enough to BPE counts for limits and routing."""
+    return len(TOKEN_PATTERN.findall(text))
+
+
+def normalise(text: str) -> str:
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n")).strip()
+
+
+def fingerprint(request: LLMRequest) -> str:
+    """Hash of everything that changes the answer; whitespace runs do not."""
+    canonical = {
+        "tenant": request.tenant,
+        "api_type": request.api_type,
+        "model": request.model,
+        "messages": [
+            [m.role.value, WHITESPACE.sub(" ", m.content), m.name, m.tool_call_id]
+            for m in request.messages
+        ],
+        "params": request.params.model_dump(mode="json"),
+    }
+    encoded = json.dumps(canonical, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def _best_effort_identity(raw: bytes) -> tuple[str | None, str | None]:
+    """The id and reply topic of a message we reject, if they can be read at all."""
+    try:
+        data = json.loads(raw.decode("utf-8", errors="replace"))
+    except (json.JSONDecodeError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    request_id = data.get("id")
+    reply_topic = data.get("reply_topic")
+    valid_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
+    valid_topic = (
+        reply_topic if isinstance(reply_topic, str) and TOPIC_NAME.match(reply_topic) else None
+    )
+    if valid_id is not None and _has_lone_surrogate(valid_id):
+        valid_id = None
+    return valid_id, valid_topic
+
+
+def _schema_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "message"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+class Preprocessor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def parse(self, raw: bytes) -> Envelope:
+        """Validate and enrich one raw message, or raise InvalidRequest."""
+        limits = self.settings.limits
+        if len(raw) > limits.max_message_bytes:
+            raise self._invalid(
+                raw,
+                "oversized",
+                f"message is {len(raw)} bytes; the limit is {limits.max_message_bytes}",
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._invalid(raw, "invalid_unicode", f"message is not UTF-8: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise self._invalid(raw, "not_json", f"message is not JSON: {exc}") from exc
+        if SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(data):
+            raise self._invalid(raw, "invalid_unicode", "message holds a lone UTF-16 surrogate")
+        if not isinstance(data, dict):
+            raise self._invalid(raw, "schema", "a request must be a JSON object")
+        try:
+            request = LLMRequest.model_validate(data)
+        except ValidationError as exc:
+            raise self._invalid(raw, "schema", _schema_message(exc)) from exc
+        self._check_model_and_params(raw, request)
+        if request.reply_topic is not None and not TOPIC_NAME.match(request.reply_topic):
+            raise self._invalid(
+                raw, "schema", f"reply_topic {request.reply_topic!r} is not a valid topic name"
+            )
+        for message in request.messages:
+            message.content = normalise(message.content)
+        envelope = Envelope(request=request)
+        envelope.prompt_tokens = sum(count_tokens(m.content) for m in request.messages)
+        envelope.fingerprint = fingerprint(request)
+        return envelope
+
+    def _check_model_and_params(self, raw: bytes, request: LLMRequest) -> None:
+        ceiling = self.settings.limits.max_tokens
+        if request.model is not None:
+            spec = self.settings.model(request.model)
+            if spec is None:
+                known = ", ".join(m.name for m in self.settings.models)
+                raise self._invalid(
+                    raw,
+                    "unknown_model",
+                    f"model {request.model!r} is not in the registry ({known})",
+                )
+            ceiling = min(ceiling, spec.max_output_tokens)
+        max_tokens = request.params.max_tokens
+        if not 1 <= max_tokens <= ceiling:
+            raise self._invalid(
+                raw,
+                "bad_max_tokens",
+                f"max_tokens must be between 1 and {ceiling}, got {max_tokens}",
+            )
+
+    def _invalid(self, raw: bytes, reason: str, message: str) -> InvalidRequest:
+        request_id, reply_topic = _best_effort_identity(raw)
+        return InvalidRequest(reason, message, request_id, reply_topic)
+
+
+def error_response(error: InvalidRequest) -> LLMResponse:
+    assert error.request_id is not None
+    return LLMResponse(
+        id=error.request_id,
+        status=Status.ERROR,
+        error=ErrorInfo(code=ErrorCode.INVALID, reason=error.reason, message=error.message),
+    )
+
+
+def attach(pipeline: Pipeline) -> None:
+    preprocessor = Preprocessor(pipeline.settings)
+    topic_name = pipeline.settings.topics.requests.name
+
+    async def reject(raw: bytes, error: InvalidRequest, source: tuple[str, int, int]) -> None:
+        metrics.stage_events.labels(STAGE, error.reason).inc()
+        if error.request_id is not None:
+            response = error_response(error)
+            metrics.responses.labels(response.status.value, ErrorCode.INVALID.value).inc()
+            await pipeline.reply_topic(error.reply_topic).send(
+                key=error.request_id.encode(), value=dump(response)
+            )
+        await pipeline.dead_letter(raw, error.reason, error.message, error.request_id, source)
+
+    @pipeline.app.agent(pipeline.requests_topic, name=STAGE)
+    async def preprocess(stream: StreamT[bytes]) -> None:
+        async for event in stream.events():
+            raw = event.value if isinstance(event.value, bytes) else b""
+            source = (topic_name, event.message.partition, event.message.offset)
+            try:
+                envelope = preprocessor.parse(raw)
+            except InvalidRequest as error:
+                await reject(raw, error, source)
+                continue
+            pipeline.mark(envelope, STAGE)
+            if await pipeline.finish_if_expired(envelope, STAGE):
+                continue
+            metrics.stage_events.labels(STAGE, "accepted").inc()
+            await pipeline.send("ratelimit", envelope)

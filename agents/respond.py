@@ -1,0 +1,82 @@
+"""Respond: publish the one terminal response of a request, where its caller listens.
+
+Responses are keyed by request id. Under at-least-once delivery a redelivered request may be
+answered twice; both answers carry its id and the client keeps the first.
+"""
+
+from __future__ import annotations
+
+import time
+
+from faust.types import StreamT
+
+from schemas.messages import Envelope, ErrorCode, ErrorInfo, LLMResponse, Status, StreamChunk, dump
+from streams import metrics
+from streams.app import Pipeline
+
+STAGE = "respond"
+
+
+def build_response(envelope: Envelope, now: float) -> LLMResponse:
+    result = envelope.result
+    status = envelope.status or Status.ERROR
+    error = result.error if result is not None else None
+    if status == Status.ERROR and error is None:
+        error = ErrorInfo(
+            code=ErrorCode.UPSTREAM_ERROR,
+            reason="no_result",
+            message="the request ended without an answer",
+        )
+    response = LLMResponse(
+        id=envelope.request.id,
+        tenant=envelope.request.tenant,
+        status=status,
+        model=envelope.model,
+        merged_with=envelope.merged_with,
+        latency_ms=round((now - envelope.received_at) * 1000.0, 3),
+        stage_latency_ms={k: round(v, 3) for k, v in envelope.stage_latency_ms.items()},
+        error=error,
+    )
+    if result is not None and error is None:
+        response.output = result.output
+        response.finish_reason = result.finish_reason
+        response.model = result.model or envelope.model
+        response.usage = result.usage
+        if result.cache_tier is not None:
+            response.cache_kind = "exact"
+            response.cache_tier = result.cache_tier
+        # Only the call that reached a model costs money; cache hits and merges are free.
+        response.cost_usd = result.cost_usd if status == Status.OK else 0.0
+    return response
+
+
+def stream_chunks(response: LLMResponse) -> list[StreamChunk]:
+    """The answer as word chunks, ending with a `done` chunk (an error one if it failed)."""
+    words = (response.output or "").split(" ") if response.error is None else []
+    chunks = [
+        StreamChunk(id=response.id, index=i, delta=w if i == 0 else " " + w)
+        for i, w in enumerate(words)
+    ]
+    chunks.append(
+        StreamChunk(id=response.id, index=len(words), delta="", done=True, error=response.error)
+    )
+    return chunks
+
+
+def attach(pipeline: Pipeline) -> None:
+    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
+    async def respond(stream: StreamT[bytes]) -> None:
+        async for _event, envelope in pipeline.envelopes(stream, STAGE):
+            response = build_response(envelope, time.time())
+            key = response.id.encode()
+            if envelope.request.stream:
+                for chunk in stream_chunks(response):
+                    await pipeline.stream_topic.send(key=key, value=dump(chunk))
+            code = response.error.code.value if response.error else ""
+            metrics.responses.labels(response.status.value, code).inc()
+            metrics.request_latency.labels(response.status.value).observe(
+                response.latency_ms / 1000.0
+            )
+            await pipeline.reply_topic(envelope.request.reply_topic).send(
+                key=key, value=dump(response)
+            )

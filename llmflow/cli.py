@@ -1,0 +1,167 @@
+"""`llmflow`: run the pipeline embedded, run a worker, submit a request, export schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmflow.brokers import RedisServer, TansuBroker
+from llmflow.client import LLMFlowClient, new_request
+from llmflow.topics import create_topics
+from schemas.export import write_json_schemas
+from topology.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    if getattr(args, "bootstrap", None):
+        settings = settings.model_copy(update={"bootstrap_servers": args.bootstrap})
+    return settings
+
+
+@contextlib.contextmanager
+def _embedded(settings: Settings, workers: int, provider_args: list[str]) -> Iterator[Settings]:
+    """Tansu, Redis (or the in-process cache), the simulated provider and the workers."""
+    from llmflow.stack import SimulatedProvider, Workers
+
+    run_dir = Path(tempfile.mkdtemp(prefix="llmflow-up-"))
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(TansuBroker())
+        update: dict[str, object] = {"bootstrap_servers": broker.bootstrap}
+        if RedisServer.available():
+            update["redis_url"] = stack.enter_context(RedisServer()).url
+        provider = SimulatedProvider(run_dir, provider_args)
+        update["provider_url"] = provider.start()
+        stack.callback(provider.stop)
+        settings = settings.model_copy(update=update)
+        asyncio.run(create_topics(settings))
+        stack.enter_context(Workers(settings, run_dir, workers))
+        redis = settings.redis_url or "in-process cache (no redis-server on PATH)"
+        print(f"llmflow up: broker {settings.bootstrap_servers} (Tansu), L2 cache {redis}, "
+              f"provider {settings.provider_url}, {workers} worker(s), logs in {run_dir}",
+              flush=True)
+        yield settings
+
+
+async def _demo(settings: Settings, count: int) -> int:
+    from llmflow.demo import run_demo
+
+    async with LLMFlowClient(settings) as client:
+        summary = await run_demo(client, count)
+    print(summary.table(), flush=True)
+    return 0 if summary.missing == 0 else 1
+
+
+def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+
+    async def wait() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+    asyncio.run(wait())
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    provider_args = ["--latency-ms", str(args.provider_latency_ms)]
+    with _embedded(_settings(args), args.workers, provider_args) as settings:
+        code = 0
+        if args.demo:
+            code = asyncio.run(_demo(settings, args.demo))
+        if args.serve or not args.demo:
+            print(f"serving; publish requests to {settings.topics.requests.name} on "
+                  f"{settings.bootstrap_servers}; Ctrl-C stops", flush=True)
+            _wait_for_signal()
+        return code
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from llmflow.worker import run_worker
+
+    sys.argv = [sys.argv[0], "worker"]
+    run_worker(_settings(args), args.loglevel)
+    return 0
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    fields: dict[str, object] = {"stream": False}
+    if args.model:
+        fields["model"] = args.model
+    request = new_request(args.prompt, args.tenant, **fields)
+    async with LLMFlowClient(settings) as client:
+        response = await client.call(request, timeout=args.timeout)
+    print(response.model_dump_json(indent=2))
+    return 0 if response.error is None else 2
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    return asyncio.run(_submit(args))
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    for path in write_json_schemas(Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    created = asyncio.run(create_topics(_settings(args)))
+    print(json.dumps({"created": created}))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="llmflow", description=__doc__)
+    root.add_argument("--config", help="settings file (JSON); LLMFLOW_* env vars override it")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the embedded pipeline (Tansu, Redis, provider, workers)")
+    up.add_argument("--demo", type=int, default=0, metavar="N", help="send N requests, summarise")
+    up.add_argument("--serve", action="store_true", help="keep running after the demo")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--provider-latency-ms", type=float, default=200.0)
+    up.set_defaults(func=cmd_up)
+
+    worker = sub.add_parser("worker", help="run one faust worker against the configured broker")
+    worker.add_argument("--bootstrap")
+    worker.add_argument("--loglevel", default="WARNING")
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="send one request and print its response")
+    submit.add_argument("prompt")
+    submit.add_argument("--tenant", default="default")
+    submit.add_argument("--model")
+    submit.add_argument("--bootstrap")
+    submit.add_argument("--timeout", type=float, default=60.0)
+    submit.set_defaults(func=cmd_submit)
+
+    schema = sub.add_parser("schema", help="write the JSON Schemas of the wire messages")
+    schema.add_argument("--out", default="schemas/json")
+    schema.set_defaults(func=cmd_schema)
+
+    topics = sub.add_parser("topics", help="manage topics")
+    topics_sub = topics.add_subparsers(dest="action", required=True)
+    create = topics_sub.add_parser("create", help="create the topology's topics")
+    create.add_argument("--bootstrap")
+    create.set_defaults(func=cmd_topics)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

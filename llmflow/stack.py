@@ -1,0 +1,116 @@
+"""Start and stop the processes of a pipeline: simulated provider and faust workers.
+
+`llmflow up` and the integration tests share this, so the tests run the same processes a
+person runs. Brokers and Redis come from `llmflow.brokers`; each process is stopped by its
+own handle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from llmflow.brokers import free_port
+from topology.settings import Settings, to_env
+
+PROVIDER_LINE = re.compile(r"listening on (http://\S+)")
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class SimulatedProvider:
+    """The simulated OpenAI-compatible provider as a child process."""
+
+    def __init__(self, run_dir: Path, args: list[str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.args = args or []
+        self.process: subprocess.Popen[bytes] | None = None
+        self.base_url = ""
+
+    def start(self) -> str:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "provider.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "provider.simulated", "--port", "0", *self.args],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            match = PROVIDER_LINE.search(log.read_text(errors="replace"))
+            if match:
+                self.base_url = match.group(1)
+                return f"{self.base_url}/v1"
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"simulated provider did not start:\n{log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+
+class Workers:
+    """`count` faust workers of one pipeline, each with its own data dir and metrics port."""
+
+    def __init__(self, settings: Settings, run_dir: Path, count: int = 1) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.count = count
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.metrics_ports: list[int] = []
+
+    def start_one(self) -> subprocess.Popen[bytes]:
+        index = len(self.processes)
+        port = free_port()
+        settings = self.settings.model_copy(
+            update={"metrics_port": port, "data_dir": str(self.run_dir / f"worker-{index}")}
+        )
+        env = {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
+        log = (self.run_dir / f"worker-{index}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmflow.cli", "worker"], env=env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        self.metrics_ports.append(port)
+        return process
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(self.count):
+            self.start_one()
+
+    def alive(self) -> list[bool]:
+        return [p.poll() is None for p in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            _stop(process)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,230 @@
+"""Wire messages of llmflow: what agents publish, what they get back, and what stages pass on.
+
+Every wire message carries `schema_version` so consumers in other languages can tell
+formats apart; JSON is the wire format (see `schemas.export` for the JSON Schemas).
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class WireModel(BaseModel):
+    """Base of every wire message: unknown fields are refused so typos surface as errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class ChatMessage(BaseModel):
+    """One chat turn in the OpenAI format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = 256
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    seed: int | None = None
+
+
+class CachePolicy(BaseModel):
+    """What the caller allows the cache and the merger to do with this request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    read: bool = True
+    write: bool = True
+    ttl_s: float | None = Field(default=None, gt=0)
+
+
+class LLMRequest(WireModel):
+    id: str = Field(min_length=1, max_length=128)
+    tenant: str = Field(min_length=1, max_length=128)
+    user: str = Field(default="anonymous", max_length=128)
+    api_type: str = Field(default="chat", max_length=64)
+    priority: Priority = Priority.NORMAL
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    model: str | None = Field(default=None, description="model hint; the router decides if unset")
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    deadline: float | None = Field(default=None, description="absolute deadline, unix seconds")
+    cache: CachePolicy = Field(default_factory=CachePolicy)
+    stream: bool = False
+    reply_topic: str | None = Field(default=None, max_length=249)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+
+class Status(StrEnum):
+    OK = "ok"
+    CACHED = "cached"
+    MERGED = "merged"
+    ERROR = "error"
+
+
+class ErrorCode(StrEnum):
+    INVALID = "invalid"
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    UPSTREAM_ERROR = "upstream_error"
+    OVERLOADED = "overloaded"
+
+
+class ErrorInfo(BaseModel):
+    """Why a request failed: `code` is the class, `reason` the precise cause."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: ErrorCode
+    reason: str
+    message: str
+    retry_after_s: float | None = None
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class LLMResponse(WireModel):
+    id: str
+    tenant: str | None = None
+    status: Status
+    output: str | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+    cache_kind: Literal["exact"] | None = None
+    cache_tier: Literal["l1", "l2"] | None = None
+    merged_with: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    stage_latency_ms: dict[str, float] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
+class StreamChunk(WireModel):
+    id: str
+    index: int
+    delta: str
+    done: bool = False
+    error: ErrorInfo | None = None
+
+
+class DeadLetter(WireModel):
+    """A message the pipeline could not process, kept whole so nothing is lost."""
+
+    raw_b64: str
+    reason: str
+    message: str
+    request_id: str | None = None
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    at: float = Field(default_factory=time.time)
+
+
+class FeedbackEvent(WireModel):
+    request_id: str
+    tenant: str
+    rating: float | None = Field(default=None, ge=-1.0, le=1.0)
+    correct: bool | None = None
+    comment: str | None = Field(default=None, max_length=4096)
+    at: float = Field(default_factory=time.time)
+
+
+class Result(BaseModel):
+    """What a model call produced for the leader of a fingerprint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    cost_usd: float = 0.0
+    cache_tier: Literal["l1", "l2"] | None = None
+    error: ErrorInfo | None = None
+
+
+class Envelope(WireModel):
+    """The internal message between stages: the request plus what stages learnt about it."""
+
+    request: LLMRequest
+    fingerprint: str = ""
+    prompt_tokens: int = 0
+    model: str | None = None
+    route_reason: str | None = None
+    received_at: float = Field(default_factory=time.time)
+    stage_entered_at: float = Field(default_factory=time.time)
+    stage_latency_ms: dict[str, float] = Field(default_factory=dict)
+    result: Result | None = None
+    status: Status | None = None
+    merged_with: str | None = None
+
+    def mark(self, stage: str, now: float | None = None) -> None:
+        """Charge the time since the previous stage handed over (queue + work) to `stage`."""
+        now = time.time() if now is None else now
+        spent = (now - self.stage_entered_at) * 1000.0
+        self.stage_latency_ms[stage] = self.stage_latency_ms.get(stage, 0.0) + spent
+        self.stage_entered_at = now
+
+    def expired(self, now: float | None = None) -> bool:
+        deadline = self.request.deadline
+        return deadline is not None and (time.time() if now is None else now) >= deadline
+
+    def fail(
+        self, code: ErrorCode, reason: str, message: str, retry_after_s: float | None = None
+    ) -> None:
+        self.status = Status.ERROR
+        error = ErrorInfo(code=code, reason=reason, message=message, retry_after_s=retry_after_s)
+        self.result = Result(error=error)
+
+
+def dump(message: BaseModel) -> bytes:
+    return message.model_dump_json(exclude_none=False).encode()
+
+
+def wire_models() -> dict[str, type[BaseModel]]:
+    """The messages users publish or consume, by file stem, for the JSON Schema export."""
+    return {
+        "request": LLMRequest,
+        "response": LLMResponse,
+        "stream_chunk": StreamChunk,
+        "dead_letter": DeadLetter,
+        "feedback": FeedbackEvent,
+        "envelope": Envelope,
+    }

@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Launcher for a real Apache Kafka (KRaft) broker used by tests and `llmflow up`.
+#
+#   scripts/kafka.sh fetch                 download the broker jars (once) into the cache
+#   scripts/kafka.sh start DIR [NODES]     start a broker whose state lives in DIR; prints
+#                                          the bootstrap address as the last stdout line
+#   scripts/kafka.sh stop DIR              stop the broker started into DIR (by its pid only)
+#
+# The jars come from Maven (brokers/kafka/pom.xml) rather than a tarball so that the exact
+# Kafka version is pinned in one reviewable file. Progress goes to stderr so stdout stays
+# machine-readable for callers that parse the bootstrap address.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+POM="$REPO/brokers/kafka/pom.xml"
+CACHE="${LLMFLOW_CACHE:-$REPO/.cache}"
+KAFKA_CACHE="$CACHE/kafka"
+LIBS="$KAFKA_CACHE/libs"
+STAMP="$LIBS/.fetched"
+PYTHON="${PYTHON:-python3}"
+JAVA="${JAVA:-java}"
+START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
+STOP_TIMEOUT=20
+
+log() { printf 'kafka.sh: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+usage() {
+    cat >&2 <<EOF
+usage: $0 fetch
+       $0 start DIR [NODE_COUNT]
+       $0 stop DIR
+EOF
+    exit 2
+}
+
+# The stamp records the pom's hash, so editing the pinned versions triggers a re-fetch.
+pom_hash() { sha256sum "$POM" | cut -d' ' -f1; }
+
+fetched() { [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(pom_hash)" ]]; }
+
+cmd_fetch() {
+    mkdir -p "$KAFKA_CACHE"
+    # Subshell so the lock fd is closed again before any broker is started (a broker that
+    # inherited it would hold the lock for its whole life).
+    (
+        # Serialise concurrent fetches (e.g. parallel test sessions sharing one cache).
+        if command -v flock >/dev/null 2>&1; then
+            exec 9>"$KAFKA_CACHE/.fetch.lock"
+            flock 9
+        fi
+        if fetched; then
+            log "kafka jars already present in $LIBS"
+            exit 0
+        fi
+        command -v mvn >/dev/null 2>&1 || die "mvn not found; it is needed to fetch the Kafka jars"
+        local_tmp="$(mktemp -d "$KAFKA_CACHE/libs.tmp.XXXXXX")"
+        trap 'rm -rf "$local_tmp"' EXIT
+        log "fetching kafka jars into $LIBS (first run only, ~45 MB) ..."
+        # mvn -q still writes terminal escape codes to stdout; keep stdout clean for callers.
+        mvn -q -B -f "$POM" dependency:copy-dependencies \
+            -DoutputDirectory="$local_tmp" -DincludeScope=runtime >&2
+        pom_hash >"$local_tmp/.fetched"
+        rm -rf "$LIBS"
+        mv "$local_tmp" "$LIBS"
+        trap - EXIT
+        log "fetched $(find "$LIBS" -name '*.jar' | wc -l) jars ($(du -sh "$LIBS" | cut -f1))"
+    )
+}
+
+# Two distinct free loopback ports, held open together so they cannot collide.
+free_ports() {
+    "$PYTHON" - "$1" <<'EOF'
+import socket
+import sys
+
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+}
+
+cluster_id() {
+    "$PYTHON" -c \
+        "import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip('='))"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A zombie (exited, not yet reaped: e.g. our own background child) counts as dead.
+pid_alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    local state
+    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ "$state" != Z ]]
+}
+
+# True only if PID is the broker started for DIR, so a recycled pid is never signalled.
+is_our_broker() {
+    local pid="$1" dir="$2" cmdline
+    [[ -r "/proc/$pid/cmdline" ]] || return 1
+    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline")"
+    [[ "$cmdline" == *kafka.Kafka* && "$cmdline" == *"$dir/server.properties"* ]]
+}
+
+cmd_start() {
+    [[ $# -ge 1 && $# -le 2 ]] || usage
+    local nodes="${2:-1}"
+    [[ "$nodes" == 1 ]] ||
+        die "NODE_COUNT=$nodes is not supported: only a single combined broker+controller node (1)"
+    mkdir -p "$1"
+    local dir
+    dir="$(cd "$1" && pwd)"
+
+    if [[ -f "$dir/kafka.pid" ]]; then
+        local old
+        old="$(cat "$dir/kafka.pid")"
+        if [[ -n "$old" ]] && is_our_broker "$old" "$dir"; then
+            die "a broker (pid $old) is already running for $dir; run '$0 stop $dir' first"
+        fi
+        rm -f "$dir/kafka.pid"
+    fi
+
+    fetched || cmd_fetch
+    command -v "$JAVA" >/dev/null 2>&1 || die "java not found (Kafka 4.1 needs Java 17+)"
+
+    local port cport cid
+    read -r port cport < <(free_ports 2)
+    cid="$(cluster_id)"
+
+    # Each start is a fresh cluster: the standalone controller's endpoint (a fresh port) is
+    # written into the metadata log at format time, so old data could not be reused anyway.
+    rm -rf "$dir/data"
+    mkdir -p "$dir/data"
+
+    cat >"$dir/server.properties" <<EOF
+# Generated by scripts/kafka.sh: single-node combined KRaft broker for local use.
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=8
+auto.create.topics.enable=true
+default.replication.factor=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+EOF
+
+    # Without a config log4j2 only prints errors; send INFO to stdout (= kafka.log).
+    cat >"$dir/log4j2.properties" <<'EOF'
+status = warn
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.kafka.name = kafka
+logger.kafka.level = info
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+EOF
+
+    log "formatting storage in $dir/data (cluster id $cid)"
+    if ! "$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool format --standalone \
+        -t "$cid" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
+        cat "$dir/format.log" >&2
+        die "storage format failed"
+    fi
+
+    log "starting kafka on 127.0.0.1:$port (controller 127.0.0.1:$cport), log $dir/kafka.log"
+    rm -f "$dir/kafka.pid"
+    # setsid + nohup: the broker must outlive this script and the caller's terminal/session.
+    # The inner shell records its own pid and then execs java, so the pid file names the JVM
+    # itself even if setsid had to fork.
+    # shellcheck disable=SC2016
+    setsid nohup bash -c 'echo $$ >"$1/kafka.pid"; shift; exec "$@"' _ "$dir" \
+        "$JAVA" -Xmx512m -Xms128m \
+        -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+        -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" \
+        >"$dir/kafka.log" 2>&1 </dev/null &
+
+    local deadline=$((SECONDS + START_TIMEOUT)) pid=""
+    while ((SECONDS < deadline)); do
+        [[ -z "$pid" && -s "$dir/kafka.pid" ]] && pid="$(cat "$dir/kafka.pid")"
+        if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
+            log "kafka exited during startup; last lines of $dir/kafka.log:"
+            tail -n 40 "$dir/kafka.log" >&2 || true
+            rm -f "$dir/kafka.pid"
+            exit 1
+        fi
+        if [[ -n "$pid" ]] && port_open "$port"; then
+            log "kafka is up (pid $pid)"
+            echo "127.0.0.1:$port"
+            return 0
+        fi
+        sleep 0.2
+    done
+
+    log "kafka did not accept connections on 127.0.0.1:$port within ${START_TIMEOUT}s;" \
+        "last lines of $dir/kafka.log:"
+    tail -n 40 "$dir/kafka.log" >&2 || true
+    if [[ -n "$pid" ]]; then
+        kill -KILL "$pid" 2>/dev/null || true
+        rm -f "$dir/kafka.pid"
+    fi
+    exit 1
+}
+
+cmd_stop() {
+    [[ $# -eq 1 ]] || usage
+    [[ -d "$1" ]] || die "no such directory: $1"
+    local dir pid
+    dir="$(cd "$1" && pwd)"
+    if [[ ! -s "$dir/kafka.pid" ]]; then
+        log "no kafka.pid in $dir; nothing to stop"
+        return 0
+    fi
+    pid="$(cat "$dir/kafka.pid")"
+    if ! pid_alive "$pid" || ! is_our_broker "$pid" "$dir"; then
+        log "kafka (pid $pid) is not running"
+        rm -f "$dir/kafka.pid"
+        return 0
+    fi
+    log "stopping kafka (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_TIMEOUT))
+    while pid_alive "$pid" && ((SECONDS < deadline)); do
+        sleep 0.2
+    done
+    if pid_alive "$pid"; then
+        log "kafka (pid $pid) ignored TERM for ${STOP_TIMEOUT}s; sending KILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        while pid_alive "$pid"; do sleep 0.1; done
+    fi
+    rm -f "$dir/kafka.pid"
+    log "kafka stopped"
+}
+
+[[ $# -ge 1 ]] || usage
+sub="$1"
+shift
+case "$sub" in
+fetch) [[ $# -eq 0 ]] || usage; cmd_fetch ;;
+start) cmd_start "$@" ;;
+stop) cmd_stop "$@" ;;
+-h | --help | help) usage ;;
+*) usage ;;
+esac

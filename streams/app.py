@@ -1,0 +1,187 @@
+"""The faust app and its wiring: topics from the stage graph, sends between stages, the DLQ.
+
+Agents attach themselves to a `Pipeline`; they never name a topic or a key themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any, cast
+
+import faust
+from faust.types import EventT, StreamT, TableT, TopicT
+from pydantic import ValidationError
+
+from schemas.messages import DeadLetter, Envelope, ErrorCode, dump
+from streams import metrics
+from streams.cache_store import CacheStore, open_cache_store
+from streams.drivers import kafka_transport
+from topology.settings import KeyBy, Settings, TopicSpec
+
+MAX_REPLY_TOPICS = 1024
+
+
+def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
+    request = envelope.request
+    if key_by == "tenant":
+        return request.tenant.encode()
+    if key_by == "fingerprint":
+        return envelope.fingerprint.encode()
+    if key_by == "model":
+        return (envelope.model or "").encode()
+    return request.id.encode()
+
+
+class Pipeline:
+    """One worker's view of the topology: the faust app, its topics and shared resources."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        scheme = kafka_transport.register(settings.consumer_fetch_max_wait_ms)
+        self.app = faust.App(
+            settings.app_id,
+            broker=f"{scheme}://{settings.bootstrap_servers}",
+            key_serializer="raw",
+            value_serializer="raw",
+            topic_partitions=settings.stages[0].topic.partitions,
+            datadir=settings.data_dir,
+            store="memory://",
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            stream_wait_empty=False,
+            producer_linger=0.0,
+        )
+        self.stage_topics = {s.name: self._topic(s.topic) for s in settings.stages}
+        self.requests_topic = self._topic(settings.topics.requests)
+        self.dlq_topic = self._topic(settings.topics.dlq)
+        self.stream_topic = self._topic(settings.topics.stream)
+        self._reply_topics: dict[str, TopicT] = {}
+        self.cache_store: CacheStore = open_cache_store(
+            settings.redis_url, settings.cache.max_entries_per_partition
+        )
+
+    def _topic(self, spec: TopicSpec) -> TopicT:
+        config: dict[str, Any] = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+        return self.app.topic(
+            spec.name,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=spec.partitions,
+            retention=timedelta(milliseconds=spec.retention_ms),
+            config=config,
+        )
+
+    def table(self, name: str, stage: str) -> TableT[str, Any]:
+        """The Table `name` (JSON keys and values), co-partitioned with `stage`'s topic."""
+        if name in self.app.tables:
+            return cast(TableT[str, Any], self.app.tables[name])
+        partitions = self.settings.stage(stage).topic.partitions
+        return self.app.Table(name, partitions=partitions, key_type=str)
+
+    def reply_topic(self, name: str | None) -> TopicT:
+        name = name or self.settings.topics.responses.name
+        topic = self._reply_topics.get(name)
+        if topic is None:
+            if len(self._reply_topics) >= MAX_REPLY_TOPICS:
+                self._reply_topics.clear()
+            topic = self.app.topic(name, key_type=bytes, value_type=bytes)
+            self._reply_topics[name] = topic
+        return topic
+
+    async def envelopes(
+        self, stream: StreamT[bytes], stage: str
+    ) -> AsyncIterator[tuple[EventT[bytes], Envelope]]:
+        """Events of an internal topic with their envelopes, timed for `stage`.
+
+        An envelope that does not parse is dead-lettered; only a bug upstream makes one.
+        """
+        topic_name = self.settings.stage(stage).topic.name
+        async for event in stream.events():
+            raw = event.value if isinstance(event.value, bytes) else b""
+            try:
+                envelope = Envelope.model_validate_json(raw)
+            except ValidationError as exc:
+                source = (topic_name, event.message.partition, event.message.offset)
+                await self.dead_letter(raw, "bad_envelope", str(exc), None, source)
+                if not stream.enable_acks:
+                    await stream.ack(event)
+                continue
+            self.mark(envelope, stage)
+            yield event, envelope
+
+    def mark(self, envelope: Envelope, stage: str) -> None:
+        envelope.mark(stage)
+        metrics.stage_latency.labels(stage).observe(envelope.stage_latency_ms[stage] / 1e3)
+
+    async def send(self, stage: str, envelope: Envelope) -> None:
+        """Hand `envelope` to `stage`, keyed as the stage graph says."""
+        spec = self.settings.stage(stage)
+        await self.stage_topics[stage].send(key=key_of(envelope, spec.key_by), value=dump(envelope))
+
+    async def fail(
+        self,
+        envelope: Envelope,
+        code: ErrorCode,
+        reason: str,
+        message: str,
+        retry_after_s: float | None = None,
+    ) -> None:
+        """End a request early with an error response.
+
+        Once a request has been through dedup it may lead followers, so it ends in
+        postprocess, which releases them; before that it goes straight to respond.
+        """
+        envelope.fail(code, reason, message, retry_after_s)
+        passed_dedup = "dedup" in envelope.stage_latency_ms
+        await self.send("postprocess" if passed_dedup else "respond", envelope)
+
+    async def finish_if_expired(self, envelope: Envelope, stage: str) -> bool:
+        """Answer `timeout` when the request's deadline has passed; True if it was answered."""
+        if not envelope.expired():
+            return False
+        metrics.stage_events.labels(stage, "timeout").inc()
+        await self.fail(
+            envelope,
+            ErrorCode.TIMEOUT,
+            "deadline_exceeded",
+            f"deadline passed before the {stage} stage",
+        )
+        return True
+
+    async def dead_letter(
+        self,
+        raw: bytes,
+        reason: str,
+        message: str,
+        request_id: str | None,
+        source: tuple[str, int | None, int | None],
+    ) -> None:
+        topic, partition, offset = source
+        letter = DeadLetter(
+            raw_b64=base64.b64encode(raw).decode(),
+            reason=reason,
+            message=message,
+            request_id=request_id,
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
+        )
+        metrics.dead_letters.labels(reason).inc()
+        await self.dlq_topic.send(key=(request_id or "").encode() or None, value=dump(letter))
+
+    def attach_agents(self) -> None:
+        from agents import (
+            batch,
+            cache,
+            dedup,
+            postprocess,
+            preprocess,
+            ratelimit,
+            respond,
+            route,
+        )
+
+        for module in (preprocess, ratelimit, dedup, cache, route, batch, postprocess, respond):
+            module.attach(self)

@@ -1,0 +1,24 @@
+"""The L2 cache interface shared by all workers; drivers live in `streams.drivers`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class CacheStore(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def open_cache_store(redis_url: str | None, max_entries: int) -> CacheStore:
+    """Redis when configured, else a bounded in-process store (the embedded default)."""
+    if redis_url:
+        from streams.drivers.redis_store import RedisCacheStore
+
+        return RedisCacheStore(redis_url)
+    from streams.drivers.memory_store import MemoryCacheStore
+
+    return MemoryCacheStore(max_entries)

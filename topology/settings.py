@@ -1,0 +1,266 @@
+"""The one settings object: topics, the stage graph, the model registry, limits.
+
+Values come from the defaults below, then a JSON file named by `LLMFLOW_CONFIG`, then
+environment variables `LLMFLOW_<FIELD>` (nested fields joined by `__`, values parsed as
+JSON when they parse, else taken as strings). Agents read everything from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "LLMFLOW_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TopicSpec(Section):
+    name: str
+    partitions: int = 4
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    compacted: bool = False
+
+
+class Topics(Section):
+    """Wire topics; the stage topics are in `StageSpec`."""
+
+    requests: TopicSpec = TopicSpec(name="llm.requests")
+    responses: TopicSpec = TopicSpec(name="llm.responses")
+    stream: TopicSpec = TopicSpec(name="llm.responses.stream")
+    dlq: TopicSpec = TopicSpec(name="llm.dlq", retention_ms=30 * 24 * 3600 * 1000)
+    feedback: TopicSpec = TopicSpec(name="llm.feedback")
+
+
+KeyBy = Literal["raw", "tenant", "fingerprint", "model", "request_id"]
+
+
+class StageSpec(Section):
+    """One stage: the topic it consumes and the key that topic is partitioned by.
+
+    Stages that share a key are co-partitioned, so a Table one writes is local to the other.
+    """
+
+    name: str
+    topic: TopicSpec
+    key_by: KeyBy
+
+
+def _stage(name: str, key_by: KeyBy) -> StageSpec:
+    return StageSpec(name=name, topic=TopicSpec(name=f"llm.stage.{name}"), key_by=key_by)
+
+
+def default_stages() -> list[StageSpec]:
+    """The path of one request. Preprocess reads the public requests topic directly."""
+    return [
+        _stage("ratelimit", "tenant"),
+        _stage("dedup", "fingerprint"),
+        _stage("cache", "fingerprint"),
+        _stage("route", "fingerprint"),
+        _stage("batch", "model"),
+        _stage("postprocess", "fingerprint"),
+        _stage("respond", "request_id"),
+    ]
+
+
+class ModelSpec(Section):
+    """One deployment in the model registry."""
+
+    name: str
+    backend: Literal["openai"] = "openai"
+    upstream_model: str | None = None
+    base_url: str | None = Field(default=None, description="overrides Settings.provider_url")
+    input_per_1k: float = 0.0
+    output_per_1k: float = 0.0
+    quality: float = Field(default=0.5, ge=0.0, le=1.0)
+    context_window: int = 4096
+    max_output_tokens: int = 4096
+    capabilities: list[str] = Field(default_factory=lambda: ["chat"])
+
+
+def default_models() -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            name="sim-small",
+            input_per_1k=0.0001,
+            output_per_1k=0.0002,
+            quality=0.6,
+            context_window=4096,
+            max_output_tokens=2048,
+        ),
+        ModelSpec(
+            name="sim-large",
+            input_per_1k=0.001,
+            output_per_1k=0.002,
+            quality=0.9,
+            context_window=32768,
+            max_output_tokens=8192,
+        ),
+    ]
+
+
+class RateLimit(Section):
+    """A token bucket in requests: `burst` at most, refilled at `per_second`."""
+
+    burst: float = Field(default=200.0, gt=0)
+    per_second: float = Field(default=100.0, gt=0)
+
+
+class RateLimits(Section):
+    default: RateLimit = RateLimit()
+    tenants: dict[str, RateLimit] = Field(default_factory=dict)
+
+    def for_tenant(self, tenant: str) -> RateLimit:
+        return self.tenants.get(tenant, self.default)
+
+
+class Limits(Section):
+    max_message_bytes: int = 64 * 1024
+    max_tokens: int = 32768
+
+
+class DedupSettings(Section):
+    lock_timeout_s: float = 60.0
+    max_followers: int = 1000
+
+
+class CacheSettings(Section):
+    ttl_s: float = 3600.0
+    max_entries_per_partition: int = 10000
+
+
+class BatchSettings(Section):
+    max_size: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=10.0, ge=0)
+    max_queued_per_model: int = Field(default=4096, ge=1)
+
+
+class InferSettings(Section):
+    timeout_s: float = 30.0
+    retries: int = 2
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 2.0
+    max_concurrency: int = 256
+
+
+class RouteSettings(Section):
+    """Rule-based routing: short prompts go to the cheap model, long ones to the strong one."""
+
+    small_model: str = "sim-small"
+    large_model: str = "sim-large"
+    small_max_prompt_tokens: int = 512
+
+
+class Settings(Section):
+    app_id: str = "llmflow"
+    bootstrap_servers: str = "127.0.0.1:9092"
+    consumer_fetch_max_wait_ms: int = 5
+    redis_url: str | None = None
+    provider_url: str = "http://127.0.0.1:8089/v1"
+    provider_api_key: str = "sim"
+    metrics_port: int | None = None
+    data_dir: str = ".cache/worker"
+    worker_concurrency: int = 1
+    topics: Topics = Topics()
+    stages: list[StageSpec] = Field(default_factory=default_stages)
+    models: list[ModelSpec] = Field(default_factory=default_models)
+    limits: Limits = Limits()
+    ratelimit: RateLimits = RateLimits()
+    dedup: DedupSettings = DedupSettings()
+    cache: CacheSettings = CacheSettings()
+    batch: BatchSettings = BatchSettings()
+    infer: InferSettings = InferSettings()
+    route: RouteSettings = RouteSettings()
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> Settings:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat: {names}")
+        known = {m.name for m in self.models}
+        for model in (self.route.small_model, self.route.large_model):
+            if model not in known:
+                raise ValueError(f"route model {model!r} is not in the model registry")
+        return self
+
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no stage {name!r} in the stage graph")
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def all_topics(self) -> list[TopicSpec]:
+        wire = [
+            self.topics.requests,
+            self.topics.responses,
+            self.topics.stream,
+            self.topics.dlq,
+            self.topics.feedback,
+        ]
+        return wire + [s.topic for s in self.stages]
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = {}
+            tree[part] = node
+        tree = node
+    tree[path[-1]] = value
+
+
+def env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] in Settings.model_fields:
+            _set_path(tree, path, _parse_env_value(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    path: str | Path | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    env = dict(os.environ) if environ is None else environ
+    data: dict[str, Any] = {}
+    file = path or env.get(f"{ENV_PREFIX}CONFIG")
+    if file:
+        data = json.loads(Path(file).read_text())
+    return Settings.model_validate(_merge(data, env_overrides(env)))
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process load exactly these settings."""
+    return {
+        f"{ENV_PREFIX}{name.upper()}": json.dumps(value)
+        for name, value in settings.model_dump(mode="json").items()
+    }
