@@ -44,9 +44,11 @@ def _embedded(settings: Settings, workers: int, provider_args: list[str]) -> Ite
         asyncio.run(create_topics(settings))
         stack.enter_context(Workers(settings, run_dir, workers))
         redis = settings.redis_url or "in-process cache (no redis-server on PATH)"
-        print(f"llmflow up: broker {settings.bootstrap_servers} (Tansu), L2 cache {redis}, "
-              f"provider {settings.provider_url}, {workers} worker(s), logs in {run_dir}",
-              flush=True)
+        print(
+            f"llmflow up: broker {settings.bootstrap_servers} (Tansu), L2 cache {redis}, "
+            f"provider {settings.provider_url}, {workers} worker(s), logs in {run_dir}",
+            flush=True,
+        )
         yield settings
 
 
@@ -78,8 +80,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.demo:
             code = asyncio.run(_demo(settings, args.demo))
         if args.serve or not args.demo:
-            print(f"serving; publish requests to {settings.topics.requests.name} on "
-                  f"{settings.bootstrap_servers}; Ctrl-C stops", flush=True)
+            print(
+                f"serving; publish requests to {settings.topics.requests.name} on "
+                f"{settings.bootstrap_servers}; Ctrl-C stops",
+                flush=True,
+            )
             _wait_for_signal()
         return code
 

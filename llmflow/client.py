@@ -41,9 +41,7 @@ class LLMFlowClient:
         self.duplicates = 0
         self._pending: dict[str, asyncio.Future[LLMResponse]] = {}
         self._answered: OrderedDict[str, None] = OrderedDict()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, linger_ms=0
-        )
+        self._producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             enable_auto_commit=False,
@@ -54,20 +52,16 @@ class LLMFlowClient:
     async def start(self) -> None:
         await self._producer.start()
         await self._consumer.start()
-        partitions: set[int] | None = None
-        for _ in range(100):
-            await self._consumer.topics()
-            partitions = self._consumer.partitions_for_topic(self.reply_topic)
-            if partitions:
-                break
-            await asyncio.sleep(0.1)
-        if not partitions:
-            raise RuntimeError(f"reply topic {self.reply_topic!r} does not exist")
-        assigned = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
-        self._consumer.assign(assigned)
-        await self._consumer.seek_to_end(*assigned)
-        for tp in assigned:
-            await self._consumer.position(tp)
+        try:
+            partitions = await self._producer.partitions_for(self.reply_topic)
+            assigned = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+            self._consumer.assign(assigned)
+            await self._consumer.seek_to_end(*assigned)
+            for tp in assigned:
+                await self._consumer.position(tp)
+        except BaseException:
+            await self.stop()
+            raise
         self._listener = asyncio.create_task(self._listen())
 
     async def stop(self) -> None:

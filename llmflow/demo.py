@@ -26,7 +26,10 @@ class Workload:
 
 
 def build_workload(
-    count: int, prompts: list[str], seed: int = 7, duplicate_share: float = 0.2,
+    count: int,
+    prompts: list[str],
+    seed: int = 7,
+    duplicate_share: float = 0.2,
     repeat_share: float = 0.2,
 ) -> Workload:
     """`count` requests: distinct ones, bursts of 2-4 identical ones, and repeats."""
@@ -44,7 +47,9 @@ def build_workload(
             duplicates -= copies - 1
         first.extend(new_request(prompt, tenant) for _ in range(copies))
         originals.append((prompt, tenant))
-    second = [new_request(*rng.choice(originals)) for _ in range(repeats)]
+    # Distinct repeats: two identical ones sent together would merge rather than hit the cache.
+    picks = rng.sample(originals, min(repeats, len(originals)))
+    second = [new_request(*picks[i % len(picks)]) for i in range(repeats)]
     return Workload(first, second)
 
 
@@ -89,13 +94,18 @@ async def _send_wave(
     client: LLMFlowClient, wave: list[LLMRequest], timeout: float, summary: Summary
 ) -> None:
     """Send all of `wave` at once; latency is from send to the answer reaching the client."""
-    answered_at: dict[str, float] = {}
-    futures = []
     sent_at: dict[str, float] = {}
+    answered_at: dict[str, float] = {}
+
+    def note_answer(future: asyncio.Future[LLMResponse]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            answered_at[future.result().id] = time.perf_counter()
+
+    futures = []
     for request in wave:
         sent_at[request.id] = time.perf_counter()
         future = await client.submit(request)
-        future.add_done_callback(lambda _f, i=request.id: answered_at.setdefault(i, time.perf_counter()))
+        future.add_done_callback(note_answer)
         futures.append(future)
     done, pending = await asyncio.wait(futures, timeout=timeout)
     for future in done:

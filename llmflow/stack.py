@@ -47,7 +47,8 @@ class SimulatedProvider:
         log = self.run_dir / "provider.log"
         self.process = subprocess.Popen(
             [sys.executable, "-u", "-m", "provider.simulated", "--port", "0", *self.args],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -84,8 +85,10 @@ class Workers:
         env = {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
         log = (self.run_dir / f"worker-{index}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "llmflow.cli", "worker"], env=env,
-            stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "llmflow.cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
         self.metrics_ports.append(port)

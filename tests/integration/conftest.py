@@ -1,0 +1,172 @@
+"""Real brokers, a real Redis, the simulated provider and real workers, started per test run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker
+from llmflow.client import LLMFlowClient, new_request
+from llmflow.stack import SimulatedProvider, Workers
+from llmflow.topics import create_topics
+from schemas.messages import Status
+from topology.settings import RateLimit, Settings
+
+PROVIDER_LATENCY_MS = 300
+WORKER_START_S = 180.0
+TINY_TENANT = "tiny"
+TINY_LIMIT = RateLimit(burst=3, per_second=0.5)
+
+
+@dataclass
+class RunningPipeline:
+    broker: str
+    settings: Settings
+    workers: Workers
+    provider: SimulatedProvider
+
+    def provider_stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.provider.base_url}/stats", timeout=5) as reply:
+            stats: dict[str, Any] = json.load(reply)
+        return stats
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url or ""
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    with KafkaBroker() as broker:
+        yield broker.bootstrap or ""
+
+
+@pytest.fixture(scope="session")
+def tansu_bootstrap() -> Iterator[str]:
+    with TansuBroker() as broker:
+        yield broker.bootstrap or ""
+
+
+@pytest.fixture(scope="session")
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedProvider]:
+    simulated = SimulatedProvider(
+        tmp_path_factory.mktemp("provider"),
+        ["--latency-ms", str(PROVIDER_LATENCY_MS), "--latency-jitter-ms", "20"],
+    )
+    simulated.start()
+    yield simulated
+    simulated.stop()
+
+
+def pipeline_settings(bootstrap: str, redis_url: str, provider: SimulatedProvider) -> Settings:
+    settings = Settings()
+    ratelimit = settings.ratelimit.model_copy(
+        update={
+            "default": RateLimit(burst=2000, per_second=1000),
+            "tenants": {TINY_TENANT: TINY_LIMIT},
+        }
+    )
+    return settings.model_copy(
+        update={
+            "bootstrap_servers": bootstrap,
+            "redis_url": redis_url,
+            "provider_url": f"{provider.base_url}/v1",
+            "ratelimit": ratelimit,
+        }
+    )
+
+
+def start_pipeline(
+    broker: str,
+    bootstrap: str,
+    redis_url: str,
+    provider: SimulatedProvider,
+    run_dir: Path,
+    workers: int,
+) -> RunningPipeline:
+    # Each broker's pipeline gets its own Redis database, so no run sees another's cache.
+    database = {"kafka": 1, "tansu": 2}[broker]
+    settings = pipeline_settings(bootstrap, f"{redis_url.rsplit('/', 1)[0]}/{database}", provider)
+    asyncio.run(create_topics(settings))
+    running = RunningPipeline(broker, settings, Workers(settings, run_dir, workers), provider)
+    running.workers.start()
+    return running
+
+
+def stop_pipeline(running: RunningPipeline) -> None:
+    running.workers.stop()
+    for log in sorted(running.workers.run_dir.glob("worker-*.log")):
+        print(f"--- {log.name} tail ({running.broker})\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def kafka_pipeline(
+    kafka_bootstrap: str,
+    redis_url: str,
+    provider: SimulatedProvider,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningPipeline]:
+    """The pipeline on Apache Kafka with two workers in one consumer group."""
+    running = start_pipeline(
+        "kafka",
+        kafka_bootstrap,
+        redis_url,
+        provider,
+        tmp_path_factory.mktemp("workers-kafka"),
+        workers=2,
+    )
+    yield running
+    stop_pipeline(running)
+
+
+@pytest.fixture(scope="session")
+def tansu_pipeline(
+    tansu_bootstrap: str,
+    redis_url: str,
+    provider: SimulatedProvider,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningPipeline]:
+    """The pipeline on the embedded Tansu broker with one worker."""
+    running = start_pipeline(
+        "tansu",
+        tansu_bootstrap,
+        redis_url,
+        provider,
+        tmp_path_factory.mktemp("workers-tansu"),
+        workers=1,
+    )
+    yield running
+    stop_pipeline(running)
+
+
+@pytest.fixture(scope="session", params=["kafka", "tansu"])
+def pipeline(request: pytest.FixtureRequest) -> RunningPipeline:
+    running: RunningPipeline = request.getfixturevalue(f"{request.param}_pipeline")
+    return running
+
+
+@contextlib.asynccontextmanager
+async def connected_client(pipeline: RunningPipeline) -> AsyncIterator[LLMFlowClient]:
+    """A client whose first request has been answered, so the workers are up."""
+    async with LLMFlowClient(pipeline.settings) as running:
+        warm_up = new_request(f"warm-up {uuid.uuid4()}", "warm-up")
+        warm = await running.call(warm_up, timeout=WORKER_START_S)
+        assert warm.status is Status.OK, warm
+        yield running
+
+
+@pytest.fixture
+async def client(pipeline: RunningPipeline) -> AsyncIterator[LLMFlowClient]:
+    async with connected_client(pipeline) as running:
+        yield running
