@@ -74,7 +74,7 @@ def attach(pipeline: Pipeline) -> None:
     windows: BatchWindows[tuple[EventT[bytes], Envelope]] = BatchWindows(
         settings.batch.max_size,
         settings.batch.max_wait_ms / 1000.0,
-        settings.batch.max_queued_per_model,
+        settings.batch.max_queued,
     )
     backend = OpenAIHTTPBackend(
         settings.provider_url, settings.provider_api_key, settings.infer.max_concurrency

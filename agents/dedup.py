@@ -56,6 +56,8 @@ class InflightRegistry:
         key = envelope.fingerprint
         stored = self.entries.get(key)
         entry = InflightEntry.from_json(stored) if stored is not None else None
+        if entry is not None and entry.leader == envelope.request.id:
+            return Admission.LEAD  # the leader redelivered: it must not wait for itself
         if entry is not None and now - entry.started_at < self.settings.lock_timeout_s:
             if len(entry.followers) >= self.settings.max_followers:
                 return Admission.ALONE

@@ -8,6 +8,7 @@ would buy nothing. Backends (the OpenAI-compatible HTTP one today) live in
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import Protocol
@@ -15,6 +16,8 @@ from typing import Protocol
 from schemas.messages import Envelope, ErrorCode, Result, Status
 from streams import metrics
 from topology.settings import InferSettings, ModelSpec, Settings
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
@@ -63,8 +66,7 @@ class InferenceRunner:
         if envelope.request.deadline is not None:
             budget = min(budget, envelope.request.deadline - time.time())
         try:
-            async with self.slots:
-                result = await asyncio.wait_for(self._with_retries(spec, envelope), budget)
+            result = await asyncio.wait_for(self._call(spec, envelope), budget)
         except TimeoutError:
             metrics.upstream_calls.labels(spec.name, "timeout").inc()
             envelope.fail(
@@ -76,8 +78,18 @@ class InferenceRunner:
         except UpstreamError as exc:
             envelope.fail(ErrorCode.UPSTREAM_ERROR, exc.reason, exc.message, exc.retry_after_s)
             return
+        except Exception as exc:
+            # A backend bug must cost this request an error answer, not the whole batch.
+            log.exception("backend for %s failed", spec.name)
+            envelope.fail(ErrorCode.UPSTREAM_ERROR, "backend_failure", repr(exc))
+            return
         envelope.result = result
         envelope.status = Status.OK
+
+    async def _call(self, spec: ModelSpec, envelope: Envelope) -> Result:
+        """Waiting for a slot counts against the request's time budget too."""
+        async with self.slots:
+            return await self._with_retries(spec, envelope)
 
     async def _with_retries(self, spec: ModelSpec, envelope: Envelope) -> Result:
         retries = self.settings.infer.retries

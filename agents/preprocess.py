@@ -23,7 +23,7 @@ from topology.settings import Settings
 STAGE = "preprocess"
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 
 

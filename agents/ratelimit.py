@@ -45,6 +45,8 @@ def take(bucket: Bucket | None, limit: RateLimit, now: float, cost: float = 1.0)
     else:
         elapsed = max(0.0, now - bucket.updated_at)
         tokens = min(limit.burst, bucket.tokens + elapsed * limit.per_second)
+        # A worker whose clock runs behind must not rewind the bucket and mint tokens later.
+        now = max(now, bucket.updated_at)
     if tokens >= cost:
         return Decision(True, Bucket(tokens - cost, now), 0.0)
     retry_after = (cost - tokens) / limit.per_second

@@ -31,15 +31,19 @@ class Router:
 
     def fits(self, model: str, envelope: Envelope) -> bool:
         spec = self.settings.model(model)
-        needed = envelope.prompt_tokens + envelope.request.params.max_tokens
-        return spec is not None and needed <= spec.context_window
+        max_tokens = envelope.request.params.max_tokens
+        return (
+            spec is not None
+            and max_tokens <= spec.max_output_tokens
+            and envelope.prompt_tokens + max_tokens <= spec.context_window
+        )
 
     def choose(self, envelope: Envelope) -> Choice:
         hint = envelope.request.model
         if hint is not None:
             if self.fits(hint, envelope):
                 return Choice(hint, "hint")
-            return Choice(None, f"prompt and answer exceed {hint}'s context window")
+            return Choice(None, f"prompt and answer exceed {hint}'s context window or output limit")
         rules = self.settings.route
         if envelope.prompt_tokens <= rules.small_max_prompt_tokens and self.fits(
             rules.small_model, envelope
@@ -47,7 +51,7 @@ class Router:
             return Choice(rules.small_model, "short_prompt")
         if self.fits(rules.large_model, envelope):
             return Choice(rules.large_model, "long_prompt")
-        return Choice(None, "prompt and answer exceed every model's context window")
+        return Choice(None, "prompt and answer exceed every model's context window or output limit")
 
 
 def attach(pipeline: Pipeline) -> None:

@@ -138,7 +138,7 @@ class CacheSettings(Section):
 class BatchSettings(Section):
     max_size: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=10.0, ge=0)
-    max_queued_per_model: int = Field(default=4096, ge=1)
+    max_queued: int = Field(default=4096, ge=1)
 
 
 class InferSettings(Section):
@@ -210,10 +210,17 @@ class Settings(Section):
 
 
 def _parse_env_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+    """Objects, arrays and quoted strings are JSON; other scalars stay text for pydantic to
+    coerce, so an API key of digits stays a string. `null` means unset."""
+    text = raw.strip()
+    if text == "null":
+        return None
+    if text[:1] in ("{", "[", '"'):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    return raw
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

@@ -44,19 +44,19 @@ def parse_completion(spec: ModelSpec, body: dict[str, Any]) -> Result:
             completion_tokens=int(raw_usage.get("completion_tokens", 0)),
             total_tokens=int(raw_usage.get("total_tokens", 0)),
         )
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        priced = (
+            usage.prompt_tokens * spec.input_per_1k + usage.completion_tokens * spec.output_per_1k
+        ) / 1000.0
+        cost = body.get("x_cost_usd")
+        return Result(
+            output=output,
+            finish_reason=choice.get("finish_reason"),
+            model=spec.name,
+            usage=usage,
+            cost_usd=float(cost) if isinstance(cost, int | float) else priced,
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise UpstreamError("bad_upstream_body", f"unreadable completion: {exc!r}", False) from exc
-    priced = (
-        usage.prompt_tokens * spec.input_per_1k + usage.completion_tokens * spec.output_per_1k
-    ) / 1000.0
-    cost = body.get("x_cost_usd")
-    return Result(
-        output=output,
-        finish_reason=choice.get("finish_reason"),
-        model=spec.name,
-        usage=usage,
-        cost_usd=float(cost) if isinstance(cost, int | float) else priced,
-    )
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -93,7 +93,9 @@ class OpenAIHTTPBackend:
                         retryable=reply.status in RETRYABLE_STATUS,
                         retry_after_s=_retry_after(reply.headers),
                     )
-                body = await reply.json()
+                body = await reply.json(content_type=None)
+        except ValueError as exc:
+            raise UpstreamError("bad_upstream_body", f"{spec.name}: {exc!r}", False) from exc
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise UpstreamError("connection", f"{spec.name}: {exc!r}", retryable=True) from exc
         return parse_completion(spec, body)

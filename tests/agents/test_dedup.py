@@ -1,0 +1,118 @@
+"""InflightRegistry over a plain dict: lead, follow, alone, stale locks, release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agents.dedup import Admission, InflightRegistry
+from schemas.messages import Envelope, LLMRequest
+from topology.settings import DedupSettings
+
+FP = "f" * 64
+
+
+def envelope(request_id: str, read: bool = True, fingerprint: str = FP) -> Envelope:
+    request = LLMRequest(
+        id=request_id,
+        tenant="acme",
+        messages=[{"role": "user", "content": "hello"}],
+        cache={"read": read},
+    )
+    return Envelope(request=request, fingerprint=fingerprint, prompt_tokens=1)
+
+
+@pytest.fixture
+def entries() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def registry(entries: dict[str, Any]) -> InflightRegistry:
+    return InflightRegistry(entries, DedupSettings(lock_timeout_s=60.0, max_followers=2))
+
+
+def test_first_leads(registry: InflightRegistry, entries: dict[str, Any]) -> None:
+    assert registry.admit(envelope("a"), now=10.0) is Admission.LEAD
+    assert entries == {FP: {"leader": "a", "started_at": 10.0, "followers": []}}
+
+
+def test_identical_second_follows(registry: InflightRegistry, entries: dict[str, Any]) -> None:
+    registry.admit(envelope("a"), now=10.0)
+    assert registry.admit(envelope("b"), now=11.0) is Admission.FOLLOW
+    stored = entries[FP]
+    assert stored["leader"] == "a"
+    assert stored["started_at"] == 10.0
+    assert [f["request"]["id"] for f in stored["followers"]] == ["b"]
+
+
+def test_different_fingerprints_both_lead(registry: InflightRegistry) -> None:
+    assert registry.admit(envelope("a"), now=10.0) is Admission.LEAD
+    assert registry.admit(envelope("b", fingerprint="0" * 64), now=10.0) is Admission.LEAD
+
+
+def test_no_cache_read_goes_alone_and_is_not_registered(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    assert registry.admit(envelope("a", read=False), now=10.0) is Admission.ALONE
+    assert entries == {}
+    registry.admit(envelope("b"), now=10.0)
+    assert registry.admit(envelope("c", read=False), now=10.0) is Admission.ALONE
+    assert entries[FP]["followers"] == []
+
+
+def test_stale_lock_is_taken_over_and_followers_inherited(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(envelope("a"), now=10.0)
+    registry.admit(envelope("b"), now=20.0)
+    assert registry.admit(envelope("c"), now=69.9) is Admission.FOLLOW
+    assert registry.admit(envelope("d"), now=70.0) is Admission.LEAD
+    stored = entries[FP]
+    assert stored["leader"] == "d"
+    assert stored["started_at"] == 70.0
+    assert [f["request"]["id"] for f in stored["followers"]] == ["b", "c"]
+    # the old leader's release no longer ends the flight; the new one's does
+    assert registry.release(FP, "a") == []
+    assert [f.request.id for f in registry.release(FP, "d")] == ["b", "c"]
+
+
+def test_max_followers_bound_sends_the_rest_alone(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(envelope("a"), now=10.0)
+    assert registry.admit(envelope("b"), now=10.0) is Admission.FOLLOW
+    assert registry.admit(envelope("c"), now=10.0) is Admission.FOLLOW
+    assert registry.admit(envelope("d"), now=10.0) is Admission.ALONE
+    assert len(entries[FP]["followers"]) == 2
+
+
+def test_release_by_the_leader_returns_followers(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(envelope("a"), now=10.0)
+    registry.admit(envelope("b"), now=10.0)
+    registry.admit(envelope("c"), now=10.0)
+    followers = registry.release(FP, "a")
+    assert all(isinstance(f, Envelope) for f in followers)
+    assert [f.request.id for f in followers] == ["b", "c"]
+    assert followers[0].fingerprint == FP
+    assert followers[0].request.tenant == "acme"
+    assert entries == {}
+    assert registry.release(FP, "a") == []
+
+
+def test_release_by_a_wrong_leader_keeps_the_entry(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(envelope("a"), now=10.0)
+    registry.admit(envelope("b"), now=10.0)
+    before = dict(entries)
+    assert registry.release(FP, "b") == []
+    assert entries == before
+    assert [f.request.id for f in registry.release(FP, "a")] == ["b"]
+
+
+def test_release_of_unknown_fingerprint_is_empty(registry: InflightRegistry) -> None:
+    assert registry.release("0" * 64, "a") == []

@@ -1,0 +1,238 @@
+"""InferenceRunner with a fake backend: success, retries, non-retryable errors, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+import pytest
+
+from agents.infer import InferenceRunner, UpstreamError, backoff_delay
+from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
+from topology.settings import InferSettings, ModelSpec, Settings
+
+Behaviour = Callable[[int, Envelope], Result]
+
+
+class FakeBackend:
+    """Answers by a script: `behaviour(call_number, envelope)` returns or raises."""
+
+    def __init__(self, behaviour: Behaviour, delay_s: float = 0.0) -> None:
+        self.behaviour = behaviour
+        self.delay_s = delay_s
+        self.calls: list[tuple[str, str]] = []
+
+    async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+        self.calls.append((spec.name, envelope.request.id))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return self.behaviour(len(self.calls), envelope)
+
+    async def close(self) -> None:
+        pass
+
+
+def answer(_call: int, envelope: Envelope) -> Result:
+    return Result(
+        output=f"answer to {envelope.request.id}",
+        finish_reason="stop",
+        model=envelope.model,
+        usage=Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5),
+        cost_usd=0.01,
+    )
+
+
+def settings(**infer: float) -> Settings:
+    values = {"backoff_base_s": 0.001, "backoff_max_s": 0.002, **infer}
+    return Settings(infer=InferSettings(**values))
+
+
+def envelope(request_id: str = "r1", model: str | None = "sim-small", **extra: float) -> Envelope:
+    request = LLMRequest(
+        id=request_id, tenant="acme", messages=[{"role": "user", "content": "hi"}], **extra
+    )
+    return Envelope(request=request, model=model, prompt_tokens=1)
+
+
+async def test_success_sets_ok_and_the_result() -> None:
+    backend = FakeBackend(answer)
+    runner = InferenceRunner(settings(), backend, seed=1)
+    batch = [envelope("a"), envelope("b", model="sim-large")]
+    out = await runner.run(batch)
+    assert out is batch
+    assert [e.status for e in out] == [Status.OK, Status.OK]
+    assert out[0].result is not None and out[0].result.output == "answer to a"
+    assert out[1].result is not None and out[1].result.model == "sim-large"
+    assert out[0].result.usage.total_tokens == 5
+    assert sorted(backend.calls) == [("sim-large", "b"), ("sim-small", "a")]
+
+
+async def test_retryable_error_is_retried_then_succeeds() -> None:
+    def flaky(call: int, env: Envelope) -> Result:
+        if call < 3:
+            raise UpstreamError("http_503", "busy", retryable=True)
+        return answer(call, env)
+
+    backend = FakeBackend(flaky)
+    (env,) = await InferenceRunner(settings(), backend, seed=1).run([envelope()])
+    assert len(backend.calls) == 3
+    assert env.status == Status.OK
+    assert env.result is not None and env.result.output == "answer to r1"
+
+
+async def test_retryable_error_exhausts_retries_then_upstream_error() -> None:
+    def failing(_call: int, _env: Envelope) -> Result:
+        raise UpstreamError("http_503", "busy", retryable=True, retry_after_s=0.001)
+
+    backend = FakeBackend(failing)
+    s = settings()
+    (env,) = await InferenceRunner(s, backend, seed=1).run([envelope()])
+    assert len(backend.calls) == s.infer.retries + 1 == 3
+    assert env.status == Status.ERROR
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code == ErrorCode.UPSTREAM_ERROR
+    assert env.result.error.reason == "http_503"
+    assert env.result.error.message == "busy"
+    assert env.result.error.retry_after_s == 0.001
+    assert env.result.output is None
+
+
+async def test_retries_setting_is_honoured() -> None:
+    def failing(_call: int, _env: Envelope) -> Result:
+        raise UpstreamError("connection", "reset", retryable=True)
+
+    backend = FakeBackend(failing)
+    await InferenceRunner(settings(retries=0), backend).run([envelope()])
+    assert len(backend.calls) == 1
+
+
+async def test_non_retryable_error_is_not_retried() -> None:
+    def bad_request(_call: int, _env: Envelope) -> Result:
+        raise UpstreamError("http_400", "bad request", retryable=False)
+
+    backend = FakeBackend(bad_request)
+    (env,) = await InferenceRunner(settings(), backend).run([envelope()])
+    assert len(backend.calls) == 1
+    assert env.status == Status.ERROR
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code == ErrorCode.UPSTREAM_ERROR
+    assert env.result.error.reason == "http_400"
+
+
+async def test_retry_waits_at_least_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float, result: object = None) -> object:
+        slept.append(delay)
+        return await real_sleep(0, result)
+
+    def throttled(call: int, env: Envelope) -> Result:
+        if call == 1:
+            raise UpstreamError("http_429", "slow down", retryable=True, retry_after_s=7.5)
+        return answer(call, env)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    (env,) = await InferenceRunner(settings(), FakeBackend(throttled)).run([envelope()])
+    assert env.status == Status.OK
+    assert slept == [7.5]
+
+
+async def test_slow_backend_beyond_the_deadline_times_out() -> None:
+    backend = FakeBackend(answer, delay_s=5.0)
+    env = envelope(deadline=time.time() + 0.05)
+    (env,) = await InferenceRunner(settings(), backend).run([env])
+    assert env.status == Status.ERROR
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code == ErrorCode.TIMEOUT
+    assert env.result.error.reason == "upstream_timeout"
+    assert env.result.output is None
+
+
+async def test_slow_backend_beyond_timeout_s_times_out() -> None:
+    backend = FakeBackend(answer, delay_s=5.0)
+    (env,) = await InferenceRunner(settings(timeout_s=0.05), backend).run([envelope()])
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code == ErrorCode.TIMEOUT
+    assert "0.050s" in env.result.error.message
+
+
+async def test_past_deadline_times_out_without_an_answer() -> None:
+    backend = FakeBackend(answer, delay_s=5.0)
+    (env,) = await InferenceRunner(settings(), backend).run([envelope(deadline=time.time() - 1)])
+    assert env.status == Status.ERROR
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code == ErrorCode.TIMEOUT
+    assert "0.000s" in env.result.error.message
+
+
+async def test_one_slow_request_does_not_fail_the_batch() -> None:
+    class Mixed(FakeBackend):
+        async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+            if envelope.request.id == "slow":
+                await asyncio.sleep(5.0)
+            return await super().complete(spec, envelope)
+
+    batch = [envelope("slow", deadline=time.time() + 0.05), envelope("fast")]
+    out = await InferenceRunner(settings(), Mixed(answer)).run(batch)
+    assert [e.status for e in out] == [Status.ERROR, Status.OK]
+
+
+async def test_unknown_model_fails_invalid_without_a_call() -> None:
+    backend = FakeBackend(answer)
+    out = await InferenceRunner(settings(), backend).run(
+        [envelope("a", model=None), envelope("b", model="nope")]
+    )
+    assert backend.calls == []
+    for env in out:
+        assert env.status == Status.ERROR
+        assert env.result is not None and env.result.error is not None
+        assert env.result.error.code == ErrorCode.INVALID
+        assert env.result.error.reason == "unknown_model"
+
+
+async def test_waiting_for_a_slot_counts_against_the_deadline() -> None:
+    class SlowForA(FakeBackend):
+        async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+            if envelope.request.id == "a":
+                await asyncio.sleep(0.3)
+            return await super().complete(spec, envelope)
+
+    runner = InferenceRunner(settings(max_concurrency=1), SlowForA(answer))
+    batch = [envelope("a"), envelope("b", deadline=time.time() + 0.05)]
+    out = await runner.run(batch)
+    assert out[1].status == Status.ERROR
+    assert out[1].result is not None and out[1].result.error is not None
+    assert out[1].result.error.code == ErrorCode.TIMEOUT
+
+
+async def test_an_unexpected_backend_exception_still_answers_every_request() -> None:
+    def explode(call: int, env: Envelope) -> Result:
+        if env.request.id == "bad":
+            raise RuntimeError("driver bug")
+        return answer(call, env)
+
+    out = await InferenceRunner(settings(), FakeBackend(explode)).run(
+        [envelope("bad"), envelope("good")]
+    )
+    assert out[0].status == Status.ERROR
+    assert out[1].status == Status.OK
+
+
+@pytest.mark.parametrize("attempt", [0, 1, 2, 3, 5, 10, 30])
+def test_backoff_delay_within_full_jitter_bounds(attempt: int) -> None:
+    s = InferSettings(backoff_base_s=0.05, backoff_max_s=2.0)
+    ceiling = min(2.0, 0.05 * 2**attempt)
+    delays = [backoff_delay(attempt, s, random.Random(seed)) for seed in range(20)]
+    assert all(0.0 <= d <= ceiling for d in delays)
+    assert max(delays) > ceiling / 2  # full jitter spreads over the range
+    assert len(set(delays)) > 1
+
+
+def test_backoff_delay_is_reproducible_with_a_seed() -> None:
+    s = InferSettings()
+    a = [backoff_delay(i, s, random.Random(7)) for i in range(5)]
+    b = [backoff_delay(i, s, random.Random(7)) for i in range(5)]
+    assert a == b

@@ -1,0 +1,285 @@
+"""Preprocessor.parse: validation, normalisation, fingerprinting and each bad-input reason."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from agents.preprocess import (
+    InvalidRequest,
+    Preprocessor,
+    count_tokens,
+    error_response,
+    normalise,
+)
+from schemas.messages import ErrorCode, Status
+from topology.settings import Settings
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def request(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": "req-1",
+        "tenant": "acme",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is   the capital\tof France?"},
+        ],
+        "reply_topic": "replies.acme",
+    }
+    data.update(overrides)
+    return data
+
+
+def raw(data: Any) -> bytes:
+    return json.dumps(data).encode()
+
+
+@pytest.fixture
+def pre() -> Preprocessor:
+    return Preprocessor(Settings())
+
+
+def reject(pre: Preprocessor, payload: bytes) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        pre.parse(payload)
+    return info.value
+
+
+def test_valid_request_becomes_an_enriched_envelope(pre: Preprocessor) -> None:
+    data = request(
+        messages=[{"role": "user", "content": "  Cafe\u0301 au lait?\r\nYes.\r\n  "}],
+    )
+    envelope = pre.parse(raw(data))
+    assert envelope.request.id == "req-1"
+    assert envelope.request.tenant == "acme"
+    assert envelope.request.reply_topic == "replies.acme"
+    assert HEX64.match(envelope.fingerprint)
+    # NFC composes e + combining acute into one code point; CRLF becomes LF; ends stripped.
+    assert envelope.request.messages[0].content == "Caf\u00e9 au lait?\nYes."
+    # "Café", "au", "lait", "?", "Yes", "."
+    assert envelope.prompt_tokens == 6
+    assert envelope.schema_version == 1
+    assert envelope.result is None and envelope.status is None
+
+
+def test_prompt_tokens_sum_over_all_messages(pre: Preprocessor) -> None:
+    envelope = pre.parse(raw(request()))
+    # "You are terse." -> 4; "What is the capital of France?" -> 7
+    assert envelope.prompt_tokens == 11
+
+
+def test_whitespace_runs_do_not_change_the_fingerprint(pre: Preprocessor) -> None:
+    a = pre.parse(raw(request()))
+    spaced = request(
+        messages=[
+            {"role": "system", "content": "  You   are\nterse.  "},
+            {"role": "user", "content": "What is the capital of\r\n\r\nFrance?"},
+        ]
+    )
+    b = pre.parse(raw(spaced))
+    assert a.fingerprint == b.fingerprint
+
+
+def test_fingerprint_ignores_id_and_reply_topic(pre: Preprocessor) -> None:
+    a = pre.parse(raw(request()))
+    b = pre.parse(raw(request(id="other-id", reply_topic="elsewhere")))
+    assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tenant": "globex"},
+        {"model": "sim-small"},
+        {"params": {"temperature": 0.7}},
+        {
+            "messages": [
+                {"role": "system", "content": "You are verbose."},
+                {"role": "user", "content": "What is the capital of France?"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    ],
+    ids=["tenant", "model", "temperature", "system_prompt", "no_system_prompt"],
+)
+def test_what_changes_the_answer_changes_the_fingerprint(
+    pre: Preprocessor, change: dict[str, Any]
+) -> None:
+    base = pre.parse(raw(request()))
+    other = pre.parse(raw(request(**change)))
+    assert HEX64.match(other.fingerprint)
+    assert other.fingerprint != base.fingerprint
+
+
+def test_not_json_has_no_id(pre: Preprocessor) -> None:
+    error = reject(pre, b'{"id": "req-1", "tenant": ')
+    assert error.reason == "not_json"
+    assert error.request_id is None
+    assert error.reply_topic is None
+
+
+def test_invalid_utf8_is_invalid_unicode_and_keeps_the_id(pre: Preprocessor) -> None:
+    payload = raw(request(messages=[{"role": "user", "content": "XX"}])).replace(b"XX", b"\xff\xfe")
+    error = reject(pre, payload)
+    assert error.reason == "invalid_unicode"
+    assert error.request_id == "req-1"
+    assert error.reply_topic == "replies.acme"
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        b"\\ud800",
+        b"\\uDBFF",
+        b"\\ude00\\ud83d",
+        b"\\udc00",
+        b"\\uDFFF",
+    ],
+    ids=["high", "high_upper", "reversed_pair", "low", "low_upper"],
+)
+def test_lone_surrogate_escape_is_invalid_unicode(pre: Preprocessor, escape: bytes) -> None:
+    payload = raw(request(messages=[{"role": "user", "content": "XX"}])).replace(
+        b"XX", b"a" + escape + b"b"
+    )
+    error = reject(pre, payload)
+    assert error.reason == "invalid_unicode"
+    assert error.request_id == "req-1"
+    assert error.reply_topic == "replies.acme"
+
+
+def test_lone_surrogate_in_the_id_drops_the_id(pre: Preprocessor) -> None:
+    payload = raw(request(id="XX")).replace(b"XX", b"id\\ud800")
+    error = reject(pre, payload)
+    assert error.reason == "invalid_unicode"
+    assert error.request_id is None
+    assert error.reply_topic == "replies.acme"
+
+
+def test_surrogate_pair_escape_is_accepted(pre: Preprocessor) -> None:
+    payload = raw(request(messages=[{"role": "user", "content": "XX"}])).replace(
+        b"XX", b"smile \\ud83d\\ude00"
+    )
+    envelope = pre.parse(payload)
+    assert envelope.request.messages[0].content == "smile \U0001f600"
+
+
+def test_escaped_backslash_before_u_d800_is_plain_text(pre: Preprocessor) -> None:
+    envelope = pre.parse(raw(request(messages=[{"role": "user", "content": "\\ud800"}])))
+    assert envelope.request.messages[0].content == "\\ud800"
+
+
+def test_json_array_is_schema(pre: Preprocessor) -> None:
+    error = reject(pre, raw([request()]))
+    assert error.reason == "schema"
+    assert error.request_id is None
+
+
+@pytest.mark.parametrize("field", ["tenant", "messages"])
+def test_missing_field_is_schema_with_id(pre: Preprocessor, field: str) -> None:
+    data = request()
+    del data[field]
+    error = reject(pre, raw(data))
+    assert error.reason == "schema"
+    assert field in error.message
+    assert error.request_id == "req-1"
+    assert error.reply_topic == "replies.acme"
+
+
+def test_unknown_field_is_schema(pre: Preprocessor) -> None:
+    error = reject(pre, raw(request(temprature=0.5)))
+    assert error.reason == "schema"
+    assert error.request_id == "req-1"
+
+
+def test_oversized_message(pre: Preprocessor) -> None:
+    limit = Settings().limits.max_message_bytes
+    big = request(messages=[{"role": "user", "content": "x" * limit}])
+    payload = raw(big)
+    assert len(payload) > limit
+    error = reject(pre, payload)
+    assert error.reason == "oversized"
+    assert error.request_id == "req-1"
+    assert error.reply_topic == "replies.acme"
+
+
+def test_message_at_exactly_the_limit_is_not_oversized(pre: Preprocessor) -> None:
+    limit = Settings().limits.max_message_bytes
+    payload = raw(request(messages=[{"role": "user", "content": ""}]))
+    padding = limit - len(payload)
+    payload = raw(request(messages=[{"role": "user", "content": "a" * padding}]))
+    assert len(payload) == limit
+    envelope = pre.parse(payload)
+    assert envelope.prompt_tokens == 1
+
+
+def test_unknown_model_hint(pre: Preprocessor) -> None:
+    error = reject(pre, raw(request(model="gpt-17")))
+    assert error.reason == "unknown_model"
+    assert "gpt-17" in error.message
+    assert error.request_id == "req-1"
+
+
+@pytest.mark.parametrize("max_tokens", [0, -5, 10**9])
+def test_bad_max_tokens(pre: Preprocessor, max_tokens: int) -> None:
+    error = reject(pre, raw(request(params={"max_tokens": max_tokens})))
+    assert error.reason == "bad_max_tokens"
+    assert str(max_tokens) in error.message
+    assert error.request_id == "req-1"
+    assert error.reply_topic == "replies.acme"
+
+
+def test_max_tokens_ceiling_is_the_hinted_models_max_output(pre: Preprocessor) -> None:
+    small = Settings().model("sim-small")
+    assert small is not None
+    ok = pre.parse(raw(request(model="sim-small", params={"max_tokens": small.max_output_tokens})))
+    assert ok.request.params.max_tokens == small.max_output_tokens
+    error = reject(
+        pre, raw(request(model="sim-small", params={"max_tokens": small.max_output_tokens + 1}))
+    )
+    assert error.reason == "bad_max_tokens"
+
+
+@pytest.mark.parametrize("topic", ["bad topic!", "a/b", "x" * 250])
+def test_bad_reply_topic(pre: Preprocessor, topic: str) -> None:
+    error = reject(pre, raw(request(reply_topic=topic)))
+    assert error.reason == "schema"
+    assert error.request_id == "req-1"
+    assert error.reply_topic is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", 0),
+        ("hello", 1),
+        ("Hello, world!", 4),
+        ("don't stop", 4),
+        ("  spaced   out  ", 2),
+        ("3.14 + x_1", 5),
+        ("日本語 テキスト", 2),
+    ],
+)
+def test_count_tokens(text: str, expected: int) -> None:
+    assert count_tokens(text) == expected
+
+
+def test_normalise() -> None:
+    assert normalise("\r\n  e\u0301\r\nx \n") == "\u00e9\nx"
+
+
+def test_error_response_is_an_invalid_error() -> None:
+    error = InvalidRequest("schema", "tenant: Field required", "req-9", "replies.x")
+    response = error_response(error)
+    assert response.id == "req-9"
+    assert response.status == Status.ERROR
+    assert response.output is None
+    assert response.error is not None
+    assert response.error.code == ErrorCode.INVALID
+    assert response.error.reason == "schema"
+    assert response.error.message == "tenant: Field required"
+    assert response.schema_version == 1

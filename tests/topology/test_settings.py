@@ -1,0 +1,135 @@
+"""load_settings: defaults, a JSON file, env overrides, to_env round trip, graph checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from topology.settings import RateLimit, Settings, load_settings, to_env
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    s = load_settings(environ={})
+    assert s == Settings()
+    assert s.bootstrap_servers == "127.0.0.1:9092"
+    assert [st.name for st in s.stages][:2] == ["ratelimit", "dedup"]
+    assert s.stage("batch").key_by == "model"
+    assert s.model("sim-small") is not None and s.model("nope") is None
+
+
+def test_file_then_env_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "llmflow.json"
+    file.write_text(
+        json.dumps(
+            {
+                "app_id": "from-file",
+                "bootstrap_servers": "file:9092",
+                "cache": {"ttl_s": 60, "max_entries_per_partition": 7},
+            }
+        )
+    )
+    env = {
+        "LLMFLOW_BOOTSTRAP_SERVERS": "kafka-1:9093,kafka-2:9093",
+        "LLMFLOW_CACHE__TTL_S": "5",
+        "LLMFLOW_RATELIMIT": '{"tenants": {"Acme": {"burst": 10, "per_second": 2.5}}}',
+        "OTHER_VAR": "ignored",
+        "LLMFLOW_NOT_A_FIELD": "ignored",
+    }
+    s = load_settings(file, environ=env)
+    assert s.app_id == "from-file"
+    assert s.bootstrap_servers == "kafka-1:9093,kafka-2:9093"
+    assert s.cache.ttl_s == 5.0
+    assert s.cache.max_entries_per_partition == 7  # the file's, merged not replaced
+    assert s.ratelimit.for_tenant("Acme") == RateLimit(burst=10, per_second=2.5)
+    assert s.ratelimit.for_tenant("other") == RateLimit()
+
+
+def test_config_file_named_by_env(tmp_path: Path) -> None:
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"redis_url": "redis://127.0.0.1:6390/0"}))
+    s = load_settings(environ={"LLMFLOW_CONFIG": str(file)})
+    assert s.redis_url == "redis://127.0.0.1:6390/0"
+
+
+def test_nested_env_values_are_parsed_as_json() -> None:
+    s = load_settings(
+        environ={
+            "LLMFLOW_BATCH__MAX_SIZE": "4",
+            "LLMFLOW_INFER__RETRIES": "0",
+            "LLMFLOW_METRICS_PORT": "9464",
+            "LLMFLOW_REDIS_URL": "null",
+        }
+    )
+    assert s.batch.max_size == 4
+    assert s.infer.retries == 0
+    assert s.metrics_port == 9464
+    assert s.redis_url is None
+
+
+def test_bad_env_value_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        load_settings(environ={"LLMFLOW_BATCH__MAX_SIZE": "0"})
+    with pytest.raises(ValidationError):
+        load_settings(environ={"LLMFLOW_CACHE__TTL": "5"})
+
+
+def test_numeric_looking_string_from_env_stays_a_string() -> None:
+    s = load_settings(environ={"LLMFLOW_PROVIDER_API_KEY": "12345"})
+    assert s.provider_api_key == "12345"
+
+
+def test_to_env_round_trips() -> None:
+    custom = Settings(
+        app_id="123",
+        provider_api_key="true",
+        bootstrap_servers="b:1",
+        redis_url="redis://h:1/2",
+        metrics_port=9000,
+        cache={"ttl_s": 5.0, "max_entries_per_partition": 3},
+        ratelimit={"tenants": {"Acme": {"burst": 10, "per_second": 2.5}}},
+        route={"small_max_prompt_tokens": 100},
+    )
+    env = to_env(custom)
+    assert env["LLMFLOW_APP_ID"] == '"123"'
+    assert all(k.startswith("LLMFLOW_") for k in env)
+    loaded = load_settings(environ=env)
+    assert loaded == custom
+    assert loaded.ratelimit.for_tenant("Acme").burst == 10
+
+
+def test_to_env_round_trips_defaults() -> None:
+    assert load_settings(environ=to_env(Settings())) == Settings()
+
+
+def test_route_model_not_in_registry_is_refused() -> None:
+    with pytest.raises(ValidationError, match="not in the model registry"):
+        Settings(route={"small_model": "ghost"})
+    with pytest.raises(ValidationError, match="not in the model registry"):
+        load_settings(environ={"LLMFLOW_ROUTE__LARGE_MODEL": "ghost"})
+
+
+def test_repeated_stage_names_are_refused() -> None:
+    stage = {"name": "dedup", "topic": {"name": "t"}, "key_by": "fingerprint"}
+    with pytest.raises(ValidationError, match="stage names repeat"):
+        Settings(stages=[stage, stage])
+
+
+def test_unknown_stage_is_a_key_error() -> None:
+    with pytest.raises(KeyError):
+        Settings().stage("nope")
+
+
+def test_all_topics_lists_wire_and_stage_topics() -> None:
+    names = [t.name for t in Settings().all_topics()]
+    assert names[:5] == [
+        "llm.requests",
+        "llm.responses",
+        "llm.responses.stream",
+        "llm.dlq",
+        "llm.feedback",
+    ]
+    assert "llm.stage.postprocess" in names
+    assert len(names) == len(set(names)) == 12
