@@ -14,6 +14,8 @@ from pathlib import Path
 
 from llmflow.brokers import RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
+from llmflow.demo import run_demo
+from llmflow.stack import SimulatedProvider, Workers
 from llmflow.topics import create_topics
 from schemas.export import write_json_schemas
 from topology.settings import Settings, load_settings
@@ -27,10 +29,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextlib.contextmanager
-def _embedded(settings: Settings, workers: int, provider_args: list[str]) -> Iterator[Settings]:
+def _embedded(
+    settings: Settings, workers: int, provider_args: list[str]
+) -> Iterator[tuple[Settings, Workers]]:
     """Tansu, Redis (or the in-process cache), the simulated provider and the workers."""
-    from llmflow.stack import SimulatedProvider, Workers
-
     run_dir = Path(tempfile.mkdtemp(prefix="llmflow-up-"))
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(TansuBroker())
@@ -42,21 +44,26 @@ def _embedded(settings: Settings, workers: int, provider_args: list[str]) -> Ite
         stack.callback(provider.stop)
         settings = settings.model_copy(update=update)
         asyncio.run(create_topics(settings))
-        stack.enter_context(Workers(settings, run_dir, workers))
+        running = stack.enter_context(Workers(settings, run_dir, workers))
         redis = settings.redis_url or "in-process cache (no redis-server on PATH)"
         print(
             f"llmflow up: broker {settings.bootstrap_servers} (Tansu), L2 cache {redis}, "
             f"provider {settings.provider_url}, {workers} worker(s), logs in {run_dir}",
             flush=True,
         )
-        yield settings
+        yield settings, running
 
 
-async def _demo(settings: Settings, count: int) -> int:
-    from llmflow.demo import run_demo
-
+async def _demo(settings: Settings, count: int, workers: Workers) -> int:
+    """Run the demo, giving up at once if a worker exits rather than waiting out timeouts."""
     async with LLMFlowClient(settings) as client:
-        summary = await run_demo(client, count)
+        demo = asyncio.create_task(run_demo(client, count))
+        while not demo.done():
+            await asyncio.wait({demo}, timeout=1.0)
+            if not demo.done() and not all(workers.alive()):
+                demo.cancel()
+                raise SystemExit(f"a worker exited; its log is in {workers.run_dir}")
+        summary = demo.result()
     print(summary.table(), flush=True)
     return 0 if summary.missing == 0 else 1
 
@@ -75,10 +82,10 @@ def _wait_for_signal() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     provider_args = ["--latency-ms", str(args.provider_latency_ms)]
-    with _embedded(_settings(args), args.workers, provider_args) as settings:
+    with _embedded(_settings(args), args.workers, provider_args) as (settings, workers):
         code = 0
         if args.demo:
-            code = asyncio.run(_demo(settings, args.demo))
+            code = asyncio.run(_demo(settings, args.demo, workers))
         if args.serve or not args.demo:
             print(
                 f"serving; publish requests to {settings.topics.requests.name} on "

@@ -53,6 +53,13 @@ def build_workload(
     return Workload(first, second)
 
 
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class Summary:
     responses: list[LLMResponse] = field(default_factory=list)
@@ -62,10 +69,15 @@ class Summary:
     wall_s: float = 0.0
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        if not ordered:
-            return float("nan")
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies_ms, q)
+
+    def stage_p50s(self) -> list[tuple[str, float]]:
+        """Median time per stage, queue included, over requests that passed through it."""
+        by_stage: dict[str, list[float]] = {}
+        for response in self.responses:
+            for stage, ms in response.stage_latency_ms.items():
+                by_stage.setdefault(stage, []).append(ms)
+        return [(stage, percentile(values, 0.5)) for stage, values in by_stage.items()]
 
     def table(self) -> str:
         by_status = Counter(r.status.value for r in self.responses)
@@ -83,6 +95,7 @@ class Summary:
             ("duplicate answers", str(self.duplicates)),
             ("latency p50 ms", f"{self.percentile(0.50):.1f}"),
             ("latency p99 ms", f"{self.percentile(0.99):.1f}"),
+            *((f"  {stage} p50 ms", f"{ms:.1f}") for stage, ms in self.stage_p50s()),
             ("upstream cost usd", f"{cost:.6f}"),
             ("wall time s", f"{self.wall_s:.2f}"),
         ]

@@ -116,3 +116,13 @@ def test_release_by_a_wrong_leader_keeps_the_entry(
 
 def test_release_of_unknown_fingerprint_is_empty(registry: InflightRegistry) -> None:
     assert registry.release("0" * 64, "a") == []
+
+
+def test_redelivered_leader_leads_again_and_keeps_followers(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    assert registry.admit(envelope("a"), now=10.0) is Admission.LEAD
+    assert registry.admit(envelope("b"), now=11.0) is Admission.FOLLOW
+    assert registry.admit(envelope("a"), now=12.0) is Admission.LEAD
+    assert [f["request"]["id"] for f in entries[FP]["followers"]] == ["b"]
+    assert [f.request.id for f in registry.release(FP, "a")] == ["b"]

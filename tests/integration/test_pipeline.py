@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.demo import build_workload
@@ -26,6 +30,7 @@ from tests.integration.conftest import (
     RunningPipeline,
     connected_client,
 )
+from topology.settings import to_env
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +248,61 @@ async def test_streamed_request_gets_chunks_then_its_response(
     mine = sorted((c for c in chunks if c.id == request.id), key=lambda c: c.index)
     assert mine and mine[-1].done
     assert "".join(c.delta for c in mine) == response.output
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_workers_serve_stage_latency_and_status_metrics(
+    pipeline: RunningPipeline, client: LLMFlowClient
+) -> None:
+    await client.call(new_request(f"metrics {uuid.uuid4()}", "acme"), timeout=60)
+    samples = [scrape(port) for port in pipeline.workers.metrics_ports]
+
+    def total(name: str, **labels: str) -> float:
+        key = tuple(sorted(labels.items()))
+        return sum(s.get((name, key), 0.0) for s in samples)
+
+    for stage in (
+        "preprocess",
+        "ratelimit",
+        "dedup",
+        "cache",
+        "route",
+        "batch",
+        "infer",
+        "postprocess",
+        "respond",
+    ):
+        assert total("llmflow_stage_latency_seconds_count", stage=stage) > 0, stage
+    assert total("llmflow_responses_total", status="ok", code="") > 0
+    assert total("llmflow_request_latency_seconds_count", status="ok") > 0
+
+
+async def test_cli_submit_prints_the_answer(
+    pipeline: RunningPipeline, client: LLMFlowClient
+) -> None:
+    env = {**os.environ, **to_env(pipeline.settings)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmflow.cli",
+        "submit",
+        f"cli {uuid.uuid4()}",
+        "--tenant",
+        "acme",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0, err.decode()
+    response = LLMResponse.model_validate_json(out)
+    assert response.status is Status.OK and response.output

@@ -34,3 +34,10 @@ def test_export_is_idempotent(tmp_path: Path) -> None:
     first = [p.read_text() for p in write_json_schemas(tmp_path)]
     second = [p.read_text() for p in write_json_schemas(tmp_path)]
     assert first == second
+
+
+def test_committed_schemas_match_the_models(tmp_path: Path) -> None:
+    """schemas/json is what other languages publish against; `make schema` refreshes it."""
+    committed = Path(__file__).resolve().parents[2] / "schemas" / "json"
+    for path in write_json_schemas(tmp_path):
+        assert (committed / path.name).read_text() == path.read_text(), path.name
