@@ -179,7 +179,7 @@ EOF
 
     log "formatting storage in $dir/data (cluster id $cid)"
     if ! "$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool format --standalone \
-        -t "$cid" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
+        --cluster-id="$cid" -c "$dir/server.properties" >"$dir/format.log" 2>&1; then
         cat "$dir/format.log" >&2
         die "storage format failed"
     fi
