@@ -79,7 +79,7 @@ def cacheable(envelope: Envelope) -> bool:
 
 def exact_cache(pipeline: Pipeline) -> ExactCache:
     """The cache over the L1 Table, which the cache and postprocess stages share."""
-    return ExactCache(pipeline.table(TABLE, STAGE), pipeline.settings.cache)
+    return ExactCache(pipeline.table(TABLE), pipeline.settings.cache)
 
 
 async def read_l2(pipeline: Pipeline, key: str) -> Result | None:

@@ -82,7 +82,7 @@ class InflightRegistry:
 
 def inflight_registry(pipeline: Pipeline) -> InflightRegistry:
     """The registry over the in-flight Table, which dedup and postprocess share."""
-    return InflightRegistry(pipeline.table(TABLE, STAGE), pipeline.settings.dedup)
+    return InflightRegistry(pipeline.table(TABLE), pipeline.settings.dedup)
 
 
 def attach(pipeline: Pipeline) -> None:

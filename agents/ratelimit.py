@@ -55,7 +55,7 @@ def take(bucket: Bucket | None, limit: RateLimit, now: float, cost: float = 1.0)
 
 def attach(pipeline: Pipeline) -> None:
     limits = pipeline.settings.ratelimit
-    buckets = pipeline.table("ratelimit-buckets", STAGE)
+    buckets = pipeline.table("ratelimit-buckets")
 
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def ratelimit(stream: StreamT[bytes]) -> None:

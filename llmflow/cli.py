@@ -12,11 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.demo import run_demo
 from llmflow.stack import SimulatedProvider, Workers
-from llmflow.topics import create_topics
 from schemas.export import write_json_schemas
 from topology.settings import Settings, load_settings
 
@@ -45,6 +45,7 @@ def _embedded(
         settings = settings.model_copy(update=update)
         asyncio.run(create_topics(settings))
         running = stack.enter_context(Workers(settings, run_dir, workers))
+        asyncio.run(wait_for_stable_group(settings, workers, timeout_s=180))
         redis = settings.redis_url or "in-process cache (no redis-server on PATH)"
         print(
             f"llmflow up: broker {settings.bootstrap_servers} (Tansu), L2 cache {redis}, "

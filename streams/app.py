@@ -73,11 +73,11 @@ class Pipeline:
             config=config,
         )
 
-    def table(self, name: str, stage: str) -> TableT[str, Any]:
-        """The Table `name` (JSON keys and values), co-partitioned with `stage`'s topic."""
+    def table(self, name: str) -> TableT[str, Any]:
+        """The Table `name` (JSON keys and values), co-partitioned with its stage's topic."""
         if name in self.app.tables:
             return cast(TableT[str, Any], self.app.tables[name])
-        partitions = self.settings.stage(stage).topic.partitions
+        partitions = self.settings.stage(self.settings.tables[name]).topic.partitions
         return self.app.Table(name, partitions=partitions, key_type=str)
 
     def reply_topic(self, name: str | None) -> TopicT:

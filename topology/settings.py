@@ -69,6 +69,15 @@ def default_stages() -> list[StageSpec]:
     ]
 
 
+def default_tables() -> dict[str, str]:
+    """faust Tables by name, each with the stage whose topic it is co-partitioned with."""
+    return {
+        "ratelimit-buckets": "ratelimit",
+        "dedup-inflight": "dedup",
+        "cache-exact": "cache",
+    }
+
+
 class ModelSpec(Section):
     """One deployment in the model registry."""
 
@@ -169,6 +178,7 @@ class Settings(Section):
     worker_concurrency: int = 1
     topics: Topics = Topics()
     stages: list[StageSpec] = Field(default_factory=default_stages)
+    tables: dict[str, str] = Field(default_factory=default_tables)
     models: list[ModelSpec] = Field(default_factory=default_models)
     limits: Limits = Limits()
     ratelimit: RateLimits = RateLimits()
@@ -183,6 +193,9 @@ class Settings(Section):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names repeat: {names}")
+        for table, stage in self.tables.items():
+            if stage not in names:
+                raise ValueError(f"table {table!r} names stage {stage!r}, not in the graph")
         known = {m.name for m in self.models}
         for model in (self.route.small_model, self.route.large_model):
             if model not in known:
@@ -206,7 +219,18 @@ class Settings(Section):
             self.topics.dlq,
             self.topics.feedback,
         ]
-        return wire + [s.topic for s in self.stages]
+        return wire + [s.topic for s in self.stages] + self.changelog_topics()
+
+    def changelog_topics(self) -> list[TopicSpec]:
+        """faust's changelog topic of each Table, made up front so workers never race to."""
+        return [
+            TopicSpec(
+                name=f"{self.app_id}-{table}-changelog",
+                partitions=self.stage(stage).topic.partitions,
+                compacted=True,
+            )
+            for table, stage in self.tables.items()
+        ]
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.stack import SimulatedProvider, Workers
-from llmflow.topics import create_topics
 from schemas.messages import Status
 from topology.settings import RateLimit, Settings
 
@@ -101,6 +101,7 @@ def start_pipeline(
     asyncio.run(create_topics(settings))
     running = RunningPipeline(broker, settings, Workers(settings, run_dir, workers), provider)
     running.workers.start()
+    asyncio.run(wait_for_stable_group(settings, workers, WORKER_START_S))
     return running
 
 

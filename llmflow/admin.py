@@ -1,0 +1,74 @@
+"""Kafka administration: the topology's topics, and the state of the workers' group."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from topology.settings import Settings
+
+
+async def create_topics(settings: Settings) -> list[str]:
+    """Create what is missing; returns the names that were created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=1,
+                topic_configs={
+                    "retention.ms": str(spec.retention_ms),
+                    "cleanup.policy": "compact" if spec.compacted else "delete",
+                },
+            )
+            for spec in settings.all_topics()
+            if spec.name not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+async def wait_for_stable_group(settings: Settings, members: int, timeout_s: float) -> None:
+    """Block until the workers' consumer group is Stable with `members` members.
+
+    Traffic sent during a rebalance is still answered, but a partition that moves mid-flight
+    may be processed twice (at-least-once); tests that count exactly wait for this first.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    deadline = time.monotonic() + timeout_s
+    seen = "no description"
+    try:
+        while time.monotonic() < deadline:
+            try:
+                for response in await admin.describe_consumer_groups([settings.app_id]):
+                    for (
+                        _error,
+                        _group,
+                        state,
+                        _ptype,
+                        _protocol,
+                        group_members,
+                        *_,
+                    ) in response.groups:
+                        seen = f"{state} with {len(group_members)} members"
+                        if state == "Stable" and len(group_members) == members:
+                            return
+            except KafkaError as exc:
+                seen = repr(exc)
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    raise TimeoutError(f"group {settings.app_id!r} not stable with {members} members: {seen}")
