@@ -96,7 +96,29 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             proc.wait()
 
 
-class _ProcessServer:
+class Managed:
+    """Something started and stopped by its owner; `with` stops it even on errors."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _ProcessServer(Managed):
     """Shared plumbing for servers we run as a direct child: spawn, wait for the port, stop."""
 
     name = "server"
@@ -104,6 +126,7 @@ class _ProcessServer:
     def __init__(self, start_timeout: float = 30.0) -> None:
         self.start_timeout = start_timeout
         self.port: int | None = None
+        self.address: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log: IO[bytes] | None = None
@@ -156,7 +179,8 @@ class _ProcessServer:
                         f"{self.start_timeout}s:\n{log}"
                     ) from None
         self.port = port
-        return self._address(port)
+        self.address = self._address(port)
+        return self.address
 
     def stop(self) -> None:
         """Stop the process this object started (idempotent)."""
@@ -170,23 +194,12 @@ class _ProcessServer:
             self._tmp.cleanup()
             self._tmp = None
         self.port = None
+        self.address = None
 
     @property
     def pid(self) -> int | None:
         """Pid of the running child, if any."""
         return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class TansuBroker(_ProcessServer):
@@ -197,7 +210,11 @@ class TansuBroker(_ProcessServer):
     def __init__(self, start_timeout: float = 30.0, silent: bool = False) -> None:
         super().__init__(start_timeout)
         self.silent = silent
-        self.bootstrap: str | None = None
+
+    @property
+    def bootstrap(self) -> str | None:
+        """``127.0.0.1:PORT`` while running."""
+        return self.address
 
     @staticmethod
     def binary() -> str:
@@ -221,16 +238,6 @@ class TansuBroker(_ProcessServer):
     def _address(self, port: int) -> str:
         return f"{LOOPBACK}:{port}"
 
-    def start(self) -> str:
-        """Start the broker; returns the bootstrap address ``127.0.0.1:PORT``."""
-        self.bootstrap = super().start()
-        return self.bootstrap
-
-    def stop(self) -> None:
-        """Terminate the broker process this object started."""
-        super().stop()
-        self.bootstrap = None
-
 
 class RedisServer(_ProcessServer):
     """Throwaway ``redis-server`` with persistence off, in its own temp dir."""
@@ -240,7 +247,11 @@ class RedisServer(_ProcessServer):
     def __init__(self, start_timeout: float = 30.0, executable: str = "redis-server") -> None:
         super().__init__(start_timeout)
         self.executable = executable
-        self.url: str | None = None
+
+    @property
+    def url(self) -> str | None:
+        """``redis://127.0.0.1:PORT/0`` while running."""
+        return self.address
 
     @staticmethod
     def available(executable: str = "redis-server") -> bool:
@@ -268,18 +279,8 @@ class RedisServer(_ProcessServer):
     def _address(self, port: int) -> str:
         return f"redis://{LOOPBACK}:{port}/0"
 
-    def start(self) -> str:
-        """Start redis; returns ``redis://127.0.0.1:PORT/0``."""
-        self.url = super().start()
-        return self.url
 
-    def stop(self) -> None:
-        """Kill the redis process this object started."""
-        super().stop()
-        self.url = None
-
-
-class KafkaBroker:
+class KafkaBroker(Managed):
     """Real Apache Kafka (KRaft, single combined node) started through ``scripts/kafka.sh``.
 
     The JVM is detached (it must outlive the shell script), so it is stopped through
@@ -360,15 +361,3 @@ class KafkaBroker:
             self._tmp = None
         self.directory = None
         self.bootstrap = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

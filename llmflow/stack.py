@@ -13,10 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from llmflow.brokers import free_port
+from llmflow.brokers import Managed, free_port
 from topology.settings import Settings, to_env
 
 PROVIDER_LINE = re.compile(r"listening on (http://\S+)")
@@ -66,7 +64,7 @@ class SimulatedProvider:
             _stop(self.process)
 
 
-class Workers:
+class Workers(Managed):
     """`count` faust workers of one pipeline, each with its own data dir and metrics port."""
 
     def __init__(self, settings: Settings, run_dir: Path, count: int = 1) -> None:
@@ -108,12 +106,3 @@ class Workers:
                 process.terminate()
         for process in self.processes:
             _stop(process)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -9,7 +9,6 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,68 +86,33 @@ def pipeline_settings(bootstrap: str, redis_url: str, provider: SimulatedProvide
     )
 
 
-def start_pipeline(
-    broker: str,
-    bootstrap: str,
-    redis_url: str,
-    provider: SimulatedProvider,
-    run_dir: Path,
-    workers: int,
-) -> RunningPipeline:
-    # Each broker's pipeline gets its own Redis database, so no run sees another's cache.
-    database = {"kafka": 1, "tansu": 2}[broker]
-    settings = pipeline_settings(bootstrap, f"{redis_url.rsplit('/', 1)[0]}/{database}", provider)
-    asyncio.run(create_topics(settings))
-    running = RunningPipeline(broker, settings, Workers(settings, run_dir, workers), provider)
-    running.workers.start()
-    asyncio.run(wait_for_stable_group(settings, workers, WORKER_START_S))
-    return running
+def pipeline_fixture(broker: str, workers: int, redis_db: int) -> Any:
+    """A session fixture running the whole pipeline on `broker` with `workers` workers."""
+
+    @pytest.fixture(scope="session")
+    def running_pipeline(
+        request: pytest.FixtureRequest,
+        redis_url: str,
+        provider: SimulatedProvider,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Iterator[RunningPipeline]:
+        bootstrap = request.getfixturevalue(f"{broker}_bootstrap")
+        # Each broker's pipeline has its own Redis database, so no run sees another's cache.
+        own_redis = f"{redis_url.rsplit('/', 1)[0]}/{redis_db}"
+        settings = pipeline_settings(bootstrap, own_redis, provider)
+        asyncio.run(create_topics(settings))
+        run_dir = tmp_path_factory.mktemp(f"workers-{broker}")
+        with Workers(settings, run_dir, workers) as running:
+            asyncio.run(wait_for_stable_group(settings, workers, WORKER_START_S))
+            yield RunningPipeline(broker, settings, running, provider)
+            for log in sorted(run_dir.glob("worker-*.log")):
+                print(f"--- {log.name} tail ({broker})\n{log.read_text()[-3000:]}")
+
+    return running_pipeline
 
 
-def stop_pipeline(running: RunningPipeline) -> None:
-    running.workers.stop()
-    for log in sorted(running.workers.run_dir.glob("worker-*.log")):
-        print(f"--- {log.name} tail ({running.broker})\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="session")
-def kafka_pipeline(
-    kafka_bootstrap: str,
-    redis_url: str,
-    provider: SimulatedProvider,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningPipeline]:
-    """The pipeline on Apache Kafka with two workers in one consumer group."""
-    running = start_pipeline(
-        "kafka",
-        kafka_bootstrap,
-        redis_url,
-        provider,
-        tmp_path_factory.mktemp("workers-kafka"),
-        workers=2,
-    )
-    yield running
-    stop_pipeline(running)
-
-
-@pytest.fixture(scope="session")
-def tansu_pipeline(
-    tansu_bootstrap: str,
-    redis_url: str,
-    provider: SimulatedProvider,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningPipeline]:
-    """The pipeline on the embedded Tansu broker with one worker."""
-    running = start_pipeline(
-        "tansu",
-        tansu_bootstrap,
-        redis_url,
-        provider,
-        tmp_path_factory.mktemp("workers-tansu"),
-        workers=1,
-    )
-    yield running
-    stop_pipeline(running)
+kafka_pipeline = pipeline_fixture("kafka", workers=2, redis_db=1)
+tansu_pipeline = pipeline_fixture("tansu", workers=1, redis_db=2)
 
 
 @pytest.fixture(scope="session", params=["kafka", "tansu"])

@@ -132,4 +132,22 @@ def test_all_topics_lists_wire_and_stage_topics() -> None:
         "llm.feedback",
     ]
     assert "llm.stage.postprocess" in names
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 15
+
+
+def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() -> None:
+    settings = Settings()
+    changelogs = {t.name: t for t in settings.changelog_topics()}
+    assert set(changelogs) == {
+        "llmflow-ratelimit-buckets-changelog",
+        "llmflow-dedup-inflight-changelog",
+        "llmflow-cache-exact-changelog",
+    }
+    assert all(t.compacted for t in changelogs.values())
+    cache = changelogs["llmflow-cache-exact-changelog"]
+    assert cache.partitions == settings.stage("cache").topic.partitions
+
+
+def test_a_table_on_an_unknown_stage_is_refused() -> None:
+    with pytest.raises(ValueError, match="not in the graph"):
+        Settings(tables={"t": "nowhere"})
