@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import MutableMapping
 from typing import Any
 
-from faust.types import StreamT
+from faust.types import EventT
 from redis.exceptions import RedisError
 
 from schemas.messages import Envelope, Result, Status
@@ -104,32 +104,30 @@ def attach(pipeline: Pipeline) -> None:
     cache = exact_cache(pipeline)
     ttl_s = pipeline.settings.cache.ttl_s
 
-    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
-    async def cache_lookup(stream: StreamT[bytes]) -> None:
-        async for event, envelope in pipeline.envelopes(stream, STAGE):
-            if await pipeline.finish_if_expired(envelope, STAGE):
-                continue
-            if not envelope.request.cache.read:
-                await pipeline.send("route", envelope)
-                continue
-            key, now, partition = (
-                envelope.fingerprint,
-                envelope.stage_entered_at,
-                event.message.partition,
-            )
-            result = cache.lookup(key, now, partition)
+    async def cache_lookup(event: EventT[bytes], envelope: Envelope) -> None:
+        if not envelope.request.cache.read:
+            await pipeline.send("route", envelope)
+            return
+        key, now, partition = (
+            envelope.fingerprint,
+            envelope.stage_entered_at,
+            event.message.partition,
+        )
+        result = cache.lookup(key, now, partition)
+        if result is not None:
+            result.cache_tier = "l1"
+        else:
+            result = await read_l2(pipeline, key)
             if result is not None:
-                result.cache_tier = "l1"
-            else:
-                result = await read_l2(pipeline, key)
-                if result is not None:
-                    result.cache_tier = "l2"
-                    cache.store(key, result, envelope.request.cache.ttl_s or ttl_s, now, partition)
-            if result is None:
-                metrics.stage_events.labels(STAGE, "miss").inc()
-                await pipeline.send("route", envelope)
-                continue
-            metrics.stage_events.labels(STAGE, f"hit_{result.cache_tier}").inc()
-            envelope.result = result
-            envelope.status = Status.CACHED
-            await pipeline.send("postprocess", envelope)
+                result.cache_tier = "l2"
+                cache.store(key, result, envelope.request.cache.ttl_s or ttl_s, now, partition)
+        if result is None:
+            metrics.stage_events.labels(STAGE, "miss").inc()
+            await pipeline.send("route", envelope)
+            return
+        metrics.stage_events.labels(STAGE, f"hit_{result.cache_tier}").inc()
+        envelope.result = result
+        envelope.status = Status.CACHED
+        await pipeline.send("postprocess", envelope)
+
+    pipeline.stage_agent(STAGE, cache_lookup)

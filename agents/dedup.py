@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from faust.types import StreamT
+from faust.types import EventT
 
 from schemas.messages import Envelope
 from streams import metrics
@@ -88,12 +88,10 @@ def inflight_registry(pipeline: Pipeline) -> InflightRegistry:
 def attach(pipeline: Pipeline) -> None:
     registry = inflight_registry(pipeline)
 
-    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
-    async def dedup(stream: StreamT[bytes]) -> None:
-        async for _event, envelope in pipeline.envelopes(stream, STAGE):
-            if await pipeline.finish_if_expired(envelope, STAGE):
-                continue
-            admission = registry.admit(envelope, envelope.stage_entered_at)
-            metrics.stage_events.labels(STAGE, admission.value).inc()
-            if admission is not Admission.FOLLOW:
-                await pipeline.send("cache", envelope)
+    async def dedup(_event: EventT[bytes], envelope: Envelope) -> None:
+        admission = registry.admit(envelope, envelope.stage_entered_at)
+        metrics.stage_events.labels(STAGE, admission.value).inc()
+        if admission is not Admission.FOLLOW:
+            await pipeline.send("cache", envelope)
+
+    pipeline.stage_agent(STAGE, dedup)

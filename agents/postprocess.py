@@ -6,7 +6,7 @@ left waiting. This first version takes a single model's answer as is.
 
 from __future__ import annotations
 
-from faust.types import StreamT
+from faust.types import EventT
 
 from agents.cache import cacheable, exact_cache, write_l2
 from agents.dedup import inflight_registry
@@ -40,25 +40,25 @@ def attach(pipeline: Pipeline) -> None:
     inflight = inflight_registry(pipeline)
     default_ttl = pipeline.settings.cache.ttl_s
 
-    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
-    async def postprocess(stream: StreamT[bytes]) -> None:
-        async for event, envelope in pipeline.envelopes(stream, STAGE):
-            finish(envelope)
-            if cacheable(envelope):
-                assert envelope.result is not None
-                ttl = envelope.request.cache.ttl_s or default_ttl
-                evicted = cache.store(
-                    envelope.fingerprint,
-                    envelope.result,
-                    ttl,
-                    envelope.stage_entered_at,
-                    event.message.partition,
-                )
-                metrics.stage_events.labels(STAGE, "cache_evicted").inc(evicted)
-                await write_l2(pipeline, envelope.fingerprint, envelope.result, ttl)
-            followers = inflight.release(envelope.fingerprint, envelope.request.id)
-            metrics.stage_events.labels(STAGE, "released").inc(len(followers))
-            await pipeline.send("respond", envelope)
-            for follower in followers:
-                pipeline.mark(follower, "merge_wait")
-                await pipeline.send("respond", merged_answer(follower, envelope))
+    async def postprocess(event: EventT[bytes], envelope: Envelope) -> None:
+        finish(envelope)
+        if cacheable(envelope):
+            assert envelope.result is not None
+            ttl = envelope.request.cache.ttl_s or default_ttl
+            evicted = cache.store(
+                envelope.fingerprint,
+                envelope.result,
+                ttl,
+                envelope.stage_entered_at,
+                event.message.partition,
+            )
+            metrics.stage_events.labels(STAGE, "cache_evicted").inc(evicted)
+            await write_l2(pipeline, envelope.fingerprint, envelope.result, ttl)
+        followers = inflight.release(envelope.fingerprint, envelope.request.id)
+        metrics.stage_events.labels(STAGE, "released").inc(len(followers))
+        await pipeline.send("respond", envelope)
+        for follower in followers:
+            pipeline.mark(follower, "merge_wait")
+            await pipeline.send("respond", merged_answer(follower, envelope))
+
+    pipeline.stage_agent(STAGE, postprocess, check_deadline=False)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from faust.types import StreamT
+from faust.types import EventT
 
-from schemas.messages import ErrorCode
+from schemas.messages import Envelope, ErrorCode
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import RateLimit
@@ -57,26 +57,24 @@ def attach(pipeline: Pipeline) -> None:
     limits = pipeline.settings.ratelimit
     buckets = pipeline.table("ratelimit-buckets")
 
-    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
-    async def ratelimit(stream: StreamT[bytes]) -> None:
-        async for _event, envelope in pipeline.envelopes(stream, STAGE):
-            if await pipeline.finish_if_expired(envelope, STAGE):
-                continue
-            tenant = envelope.request.tenant
-            stored = buckets.get(tenant)
-            bucket = Bucket.from_json(stored) if stored is not None else None
-            decision = take(bucket, limits.for_tenant(tenant), envelope.stage_entered_at)
-            buckets[tenant] = decision.bucket.to_json()
-            if decision.allowed:
-                metrics.stage_events.labels(STAGE, "allowed").inc()
-                await pipeline.send("dedup", envelope)
-                continue
-            metrics.stage_events.labels(STAGE, "rate_limited").inc()
-            await pipeline.fail(
-                envelope,
-                ErrorCode.RATE_LIMITED,
-                "tenant_request_rate",
-                f"tenant {tenant!r} is over its limit of {limits.for_tenant(tenant).per_second:g}"
-                " requests/s",
-                retry_after_s=round(decision.retry_after_s, 3),
-            )
+    async def ratelimit(_event: EventT[bytes], envelope: Envelope) -> None:
+        tenant = envelope.request.tenant
+        stored = buckets.get(tenant)
+        bucket = Bucket.from_json(stored) if stored is not None else None
+        decision = take(bucket, limits.for_tenant(tenant), envelope.stage_entered_at)
+        buckets[tenant] = decision.bucket.to_json()
+        if decision.allowed:
+            metrics.stage_events.labels(STAGE, "allowed").inc()
+            await pipeline.send("dedup", envelope)
+            return
+        metrics.stage_events.labels(STAGE, "rate_limited").inc()
+        await pipeline.fail(
+            envelope,
+            ErrorCode.RATE_LIMITED,
+            "tenant_request_rate",
+            f"tenant {tenant!r} is over its limit of {limits.for_tenant(tenant).per_second:g}"
+            " requests/s",
+            retry_after_s=round(decision.retry_after_s, 3),
+        )
+
+    pipeline.stage_agent(STAGE, ratelimit)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from faust.types import StreamT
+from faust.types import EventT
 
 from schemas.messages import Envelope, ErrorCode, ErrorInfo, LLMResponse, Status, StreamChunk, dump
 from streams import metrics
@@ -64,19 +64,15 @@ def stream_chunks(response: LLMResponse) -> list[StreamChunk]:
 
 
 def attach(pipeline: Pipeline) -> None:
-    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
-    async def respond(stream: StreamT[bytes]) -> None:
-        async for _event, envelope in pipeline.envelopes(stream, STAGE):
-            response = build_response(envelope, time.time())
-            key = response.id.encode()
-            if envelope.request.stream:
-                for chunk in stream_chunks(response):
-                    await pipeline.stream_topic.send(key=key, value=dump(chunk))
-            code = response.error.code.value if response.error else ""
-            metrics.responses.labels(response.status.value, code).inc()
-            metrics.request_latency.labels(response.status.value).observe(
-                response.latency_ms / 1000.0
-            )
-            await pipeline.reply_topic(envelope.request.reply_topic).send(
-                key=key, value=dump(response)
-            )
+    async def respond(_event: EventT[bytes], envelope: Envelope) -> None:
+        response = build_response(envelope, time.time())
+        key = response.id.encode()
+        if envelope.request.stream:
+            for chunk in stream_chunks(response):
+                await pipeline.stream_topic.send(key=key, value=dump(chunk))
+        code = response.error.code.value if response.error else ""
+        metrics.responses.labels(response.status.value, code).inc()
+        metrics.request_latency.labels(response.status.value).observe(response.latency_ms / 1000.0)
+        await pipeline.reply_topic(envelope.request.reply_topic).send(key=key, value=dump(response))
+
+    pipeline.stage_agent(STAGE, respond, check_deadline=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from faust.types import StreamT
+from faust.types import EventT
 
 from schemas.messages import Envelope, ErrorCode
 from streams import metrics
@@ -57,16 +57,14 @@ class Router:
 def attach(pipeline: Pipeline) -> None:
     router = Router(pipeline.settings)
 
-    @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
-    async def route(stream: StreamT[bytes]) -> None:
-        async for _event, envelope in pipeline.envelopes(stream, STAGE):
-            if await pipeline.finish_if_expired(envelope, STAGE):
-                continue
-            choice = router.choose(envelope)
-            if choice.model is None:
-                metrics.stage_events.labels(STAGE, "no_model").inc()
-                await pipeline.fail(envelope, ErrorCode.INVALID, "context_too_long", choice.reason)
-                continue
-            metrics.stage_events.labels(STAGE, choice.model).inc()
-            envelope.model, envelope.route_reason = choice.model, choice.reason
-            await pipeline.send("batch", envelope)
+    async def route(_event: EventT[bytes], envelope: Envelope) -> None:
+        choice = router.choose(envelope)
+        if choice.model is None:
+            metrics.stage_events.labels(STAGE, "no_model").inc()
+            await pipeline.fail(envelope, ErrorCode.INVALID, "context_too_long", choice.reason)
+            return
+        metrics.stage_events.labels(STAGE, choice.model).inc()
+        envelope.model, envelope.route_reason = choice.model, choice.reason
+        await pipeline.send("batch", envelope)
+
+    pipeline.stage_agent(STAGE, route)

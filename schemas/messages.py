@@ -97,6 +97,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     UPSTREAM_ERROR = "upstream_error"
     OVERLOADED = "overloaded"
+    INTERNAL = "internal"
 
 
 class ErrorInfo(BaseModel):

@@ -6,7 +6,8 @@ Agents attach themselves to a `Pipeline`; they never name a topic or a key thems
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -21,6 +22,8 @@ from streams.drivers import kafka_transport
 from topology.settings import KeyBy, Settings, TopicSpec
 
 MAX_REPLY_TOPICS = 1024
+log = logging.getLogger(__name__)
+StageHandler = Callable[[EventT[bytes], Envelope], Awaitable[None]]
 
 
 def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
@@ -110,6 +113,52 @@ class Pipeline:
                 continue
             self.mark(envelope, stage)
             yield event, envelope
+
+    def stage_agent(self, stage: str, handle: StageHandler, check_deadline: bool = True) -> None:
+        """Run `handle` on every envelope of `stage`'s topic as a faust agent.
+
+        A request whose deadline has passed is answered `timeout` before `handle` sees it.
+        If `handle` raises, the request is answered `internal` and dead-lettered, and the
+        agent goes on with the next one: one bad request never stalls a stage.
+        """
+
+        async def agent(stream: StreamT[bytes]) -> None:
+            async for event, envelope in self.envelopes(stream, stage):
+                if check_deadline and await self.finish_if_expired(envelope, stage):
+                    continue
+                try:
+                    await handle(event, envelope)
+                except Exception as exc:
+                    await self._handle_crash(event, envelope, stage, exc)
+
+        self.app.agent(self.stage_topics[stage], name=stage)(agent)
+
+    async def _handle_crash(
+        self, event: EventT[bytes], envelope: Envelope, stage: str, exc: Exception
+    ) -> None:
+        log.exception("stage %s failed on request %s", stage, envelope.request.id)
+        metrics.stage_events.labels(stage, "internal_error").inc()
+        raw = event.value if isinstance(event.value, bytes) else b""
+        source = (
+            self.settings.stage(stage).topic.name,
+            event.message.partition,
+            event.message.offset,
+        )
+        await self.dead_letter(
+            raw, "internal_error", f"{stage}: {exc!r}", envelope.request.id, source
+        )
+        already_failed = (
+            envelope.result is not None
+            and envelope.result.error is not None
+            and (envelope.result.error.code is ErrorCode.INTERNAL)
+        )
+        if not already_failed:
+            await self.fail(
+                envelope,
+                ErrorCode.INTERNAL,
+                "internal_error",
+                f"the {stage} stage failed on this request: {exc!r}",
+            )
 
     def mark(self, envelope: Envelope, stage: str) -> None:
         envelope.mark(stage)

@@ -38,7 +38,7 @@ class Topics(Section):
     feedback: TopicSpec = TopicSpec(name="llm.feedback")
 
 
-KeyBy = Literal["raw", "tenant", "fingerprint", "model", "request_id"]
+KeyBy = Literal["tenant", "fingerprint", "model", "request_id"]
 
 
 class StageSpec(Section):
