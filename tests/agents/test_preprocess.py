@@ -7,6 +7,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.preprocess import (
     InvalidRequest,
@@ -283,3 +285,56 @@ def test_error_response_is_an_invalid_error() -> None:
     assert response.error.reason == "schema"
     assert response.error.message == "tenant: Field required"
     assert response.schema_version == 1
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+VALID_REQUEST = {"id": "r1", "tenant": "acme", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+        st.tuples(
+            st.sampled_from(
+                [
+                    "id",
+                    "tenant",
+                    "messages",
+                    "params",
+                    "model",
+                    "deadline",
+                    "cache",
+                    "reply_topic",
+                    "priority",
+                    "metadata",
+                    "stream",
+                ]
+            ),
+            JSON_VALUES,
+        ).map(lambda change: json.dumps({**VALID_REQUEST, change[0]: change[1]}).encode()),
+    )
+)
+def test_any_bytes_become_an_envelope_or_an_invalid_request(raw_bytes: bytes) -> None:
+    """Whatever arrives, preprocess answers with a request or a reason, never a crash."""
+    try:
+        envelope = Preprocessor(Settings()).parse(raw_bytes)
+    except InvalidRequest as error:
+        assert error.reason in {
+            "oversized",
+            "invalid_unicode",
+            "not_json",
+            "schema",
+            "unknown_model",
+            "bad_max_tokens",
+        }
+        assert error.message
+    else:
+        assert len(envelope.fingerprint) == 64
