@@ -21,11 +21,8 @@ async def create_topics(settings: Settings) -> list[str]:
             NewTopic(
                 name=spec.name,
                 num_partitions=spec.partitions,
-                replication_factor=1,
-                topic_configs={
-                    "retention.ms": str(spec.retention_ms),
-                    "cleanup.policy": "compact" if spec.compacted else "delete",
-                },
+                replication_factor=settings.replication_factor,
+                topic_configs=spec.kafka_config(),
             )
             for spec in settings.all_topics()
             if spec.name not in existing

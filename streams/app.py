@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
 from typing import Any, cast
 
 import faust
@@ -49,6 +48,7 @@ class Pipeline:
             key_serializer="raw",
             value_serializer="raw",
             topic_partitions=settings.stages[0].topic.partitions,
+            topic_replication_factor=settings.replication_factor,
             datadir=settings.data_dir,
             store="memory://",
             web_enabled=False,
@@ -66,14 +66,12 @@ class Pipeline:
         )
 
     def _topic(self, spec: TopicSpec) -> TopicT:
-        config: dict[str, Any] = {"cleanup.policy": "compact" if spec.compacted else "delete"}
         return self.app.topic(
             spec.name,
             key_type=bytes,
             value_type=bytes,
             partitions=spec.partitions,
-            retention=timedelta(milliseconds=spec.retention_ms),
-            config=config,
+            config=spec.kafka_config(),
         )
 
     def table(self, name: str) -> TableT[str, Any]:

@@ -27,6 +27,12 @@ class TopicSpec(Section):
     retention_ms: int = 7 * 24 * 3600 * 1000
     compacted: bool = False
 
+    def kafka_config(self) -> dict[str, str]:
+        return {
+            "retention.ms": str(self.retention_ms),
+            "cleanup.policy": "compact" if self.compacted else "delete",
+        }
+
 
 class Topics(Section):
     """Wire topics; the stage topics are in `StageSpec`."""
@@ -170,6 +176,7 @@ class Settings(Section):
     app_id: str = "llmflow"
     bootstrap_servers: str = "127.0.0.1:9092"
     consumer_fetch_max_wait_ms: int = 5
+    replication_factor: int = Field(default=1, ge=1, description="of every topic created")
     redis_url: str | None = None
     provider_url: str = "http://127.0.0.1:8089/v1"
     provider_api_key: str = "sim"
