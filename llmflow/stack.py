@@ -73,9 +73,11 @@ class Workers(Managed):
         self.count = count
         self.processes: list[subprocess.Popen[bytes]] = []
         self.metrics_ports: list[int] = []
+        self.started = 0
 
     def start_one(self) -> subprocess.Popen[bytes]:
-        index = len(self.processes)
+        index = self.started
+        self.started += 1
         port = free_port()
         settings = self.settings.model_copy(
             update={"metrics_port": port, "data_dir": str(self.run_dir / f"worker-{index}")}
@@ -101,8 +103,11 @@ class Workers(Managed):
         return [p.poll() is None for p in self.processes]
 
     def stop(self) -> None:
+        """Stop every worker; a later `start` begins a fresh set (new logs, new ports)."""
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
         for process in self.processes:
             _stop(process)
+        self.processes.clear()
+        self.metrics_ports.clear()

@@ -7,11 +7,14 @@ The wait is taken from `LLMFLOW_CONSUMER_FETCH_MAX_WAIT_MS` via the app's settin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import aiokafka
+from aiokafka import TopicPartition
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 SCHEME = "llmflow-kafka"
 fetch_max_wait_ms = 5
@@ -25,8 +28,44 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class ShortWaitConsumer(faust_aiokafka.Consumer):
+    """Pauses and resumes partitions in aiokafka too, not only in faust's bookkeeping.
+
+    faust pauses its Tables' changelog partitions after recovery only in its own lists:
+    aiokafka kept fetching them and nothing took the records, and aiokafka holds back every
+    fetch to a broker for 100 ms while any fetched records wait untaken. So the first
+    changelog write to each partition stalled every topic for 100 ms.
+    """
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ShortWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        """Changelogs are read only while recovering, which resumes them; pause them first."""
+        self._in_consumer_thread("pause", [tp for tp in assigned if self._is_changelog_tp(tp)])
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        tps = list(tps)
+        super().pause_partitions(tps)
+        self._in_consumer_thread("pause", tps)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tps = list(tps)
+        super().resume_partitions(tps)
+        self._in_consumer_thread("resume", tps)
+
+    def _in_consumer_thread(self, action: str, tps: list[TP]) -> None:
+        """aiokafka's consumer belongs to the consumer thread's loop: change it there."""
+        consumer = self._thread._consumer
+        if consumer is None or not tps:
+            return
+
+        def apply() -> None:
+            assigned = consumer.assignment()
+            owned = [TopicPartition(tp.topic, tp.partition) for tp in tps]
+            getattr(consumer, action)(*(tp for tp in owned if tp in assigned))
+
+        self._thread.thread_loop.call_soon_threadsafe(apply)
 
 
 class Transport(faust_aiokafka.Transport):

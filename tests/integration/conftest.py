@@ -24,6 +24,8 @@ PROVIDER_LATENCY_MS = 300
 WORKER_START_S = 180.0
 TINY_TENANT = "tiny"
 TINY_LIMIT = RateLimit(burst=3, per_second=0.5)
+FROZEN_TENANT = "frozen"
+FROZEN_LIMIT = RateLimit(burst=2, per_second=0.001)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def pipeline_settings(bootstrap: str, redis_url: str, provider: SimulatedProvide
     ratelimit = settings.ratelimit.model_copy(
         update={
             "default": RateLimit(burst=2000, per_second=1000),
-            "tenants": {TINY_TENANT: TINY_LIMIT},
+            "tenants": {TINY_TENANT: TINY_LIMIT, FROZEN_TENANT: FROZEN_LIMIT},
         }
     )
     return settings.model_copy(

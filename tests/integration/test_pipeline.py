@@ -20,13 +20,17 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmflow.admin import wait_for_stable_group
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.demo import build_workload
 from llmflow.prompts import load_prompts
 from schemas.messages import DeadLetter, ErrorCode, LLMRequest, LLMResponse, Status, StreamChunk
 from tests.integration.conftest import (
+    FROZEN_LIMIT,
+    FROZEN_TENANT,
     TINY_LIMIT,
     TINY_TENANT,
+    WORKER_START_S,
     RunningPipeline,
     connected_client,
 )
@@ -306,3 +310,31 @@ async def test_cli_submit_prints_the_answer(
     assert process.returncode == 0, err.decode()
     response = LLMResponse.model_validate_json(out)
     assert response.status is Status.OK and response.output
+
+
+async def test_tables_recover_from_their_changelogs_when_all_workers_restart(
+    kafka_pipeline: RunningPipeline,
+) -> None:
+    """A restart neither refills a tenant's bucket nor empties the L1 cache. Runs last: it
+    replaces the workers of the shared Kafka pipeline."""
+    settings = kafka_pipeline.settings
+    prompt = f"remember me {uuid.uuid4()}"
+    async with connected_client(kafka_pipeline) as client:
+        spend = [new_request(f"spend {uuid.uuid4()}", FROZEN_TENANT) for _ in range(2)]
+        assert all(r.status is Status.OK for r in (await answer_all(client, spend)).values())
+        first = await client.call(new_request(prompt, "acme"), timeout=60)
+        assert first.status is Status.OK
+
+    kafka_pipeline.workers.stop()
+    kafka_pipeline.workers.start()
+    await wait_for_stable_group(settings, kafka_pipeline.workers.count, WORKER_START_S)
+
+    async with connected_client(kafka_pipeline) as client:
+        limited = await client.call(new_request(f"one more {uuid.uuid4()}", FROZEN_TENANT), 60)
+        assert limited.error is not None, limited
+        assert limited.error.code is ErrorCode.RATE_LIMITED
+        assert limited.error.retry_after_s is not None
+        assert limited.error.retry_after_s > 0.5 / FROZEN_LIMIT.per_second
+        again = await client.call(new_request(prompt, "acme"), timeout=60)
+        assert again.status is Status.CACHED and again.cache_tier == "l1"
+        assert again.output == first.output
