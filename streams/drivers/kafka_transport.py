@@ -5,6 +5,7 @@ to 1500) comes from `Settings.consumer_fetch_max_wait_ms`, since a broker that h
 empty fetch that long delays every hop (on Tansu, 100 ms of wait already gave a 26 ms p50
 hop); and partitions faust pauses are paused in aiokafka too (see ShortWaitConsumer).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
