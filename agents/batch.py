@@ -35,17 +35,19 @@ class Window(Generic[Item]):
 
 
 class BatchWindows(Generic[Item]):
-    """Open windows per model; bounded by `max_queued` items across all of them."""
+    """Open windows per model, bounded by `max_queued` requests across all of them,
+    those of dispatched batches that have not finished included."""
 
     def __init__(self, max_size: int, max_wait_s: float, max_queued: int) -> None:
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
         self.windows: dict[str, Window[Item]] = {}
+        self.in_flight = 0
 
     @property
     def queued(self) -> int:
-        return sum(len(w.items) for w in self.windows.values())
+        return sum(len(w.items) for w in self.windows.values()) + self.in_flight
 
     def add(self, model: str, item: Item, now: float) -> list[Item] | None:
         """Queue `item`; returns the model's batch when this item filled it."""
@@ -90,13 +92,21 @@ def attach(pipeline: Pipeline) -> None:
 
         async def run(model: str, items: list[tuple[EventT[bytes], Envelope]]) -> None:
             metrics.batch_size.labels(model).observe(len(items))
-            for envelope in await runner.run([e for _, e in items]):
-                pipeline.mark(envelope, "infer")
-                await pipeline.send("postprocess", envelope)
-            for event, _ in items:
-                await manual.ack(event)
+            try:
+                await runner.run([e for _, e in items])
+                for event, envelope in items:
+                    pipeline.mark(envelope, "infer")
+                    try:
+                        await pipeline.send("postprocess", envelope)
+                    except Exception as exc:
+                        await pipeline.handle_crash(event, envelope, STAGE, exc)
+            finally:
+                windows.in_flight -= len(items)
+                for event, _ in items:
+                    await manual.ack(event)
 
         def dispatch(model: str, items: list[tuple[EventT[bytes], Envelope]]) -> None:
+            windows.in_flight += len(items)
             task = asyncio.create_task(run(model, items))
             running.add(task)
             task.add_done_callback(running.discard)
@@ -116,16 +126,20 @@ def attach(pipeline: Pipeline) -> None:
         flusher = asyncio.create_task(flush_when_due())
         try:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
-                if await pipeline.finish_if_expired(envelope, STAGE):
-                    await manual.ack(event)
-                    continue
-                model = envelope.model or ""
                 try:
+                    if await pipeline.finish_if_expired(envelope, STAGE):
+                        await manual.ack(event)
+                        continue
+                    model = envelope.model or ""
                     full = windows.add(model, (event, envelope), loop.time())
                 except QueueFull as exc:
                     await pipeline.fail(
                         envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc)
                     )
+                    await manual.ack(event)
+                    continue
+                except Exception as exc:
+                    await pipeline.handle_crash(event, envelope, STAGE, exc)
                     await manual.ack(event)
                     continue
                 if full is not None:

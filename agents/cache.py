@@ -12,6 +12,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from faust.types import EventT
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from schemas.messages import Envelope, Result, Status
@@ -78,8 +79,11 @@ def cacheable(envelope: Envelope) -> bool:
 
 
 def exact_cache(pipeline: Pipeline) -> ExactCache:
-    """The cache over the L1 Table, which the cache and postprocess stages share."""
-    return ExactCache(pipeline.table(TABLE), pipeline.settings.cache)
+    """The cache over the L1 Table: one per worker, shared by cache and postprocess, so
+    lookups and stores keep one recency order."""
+    return pipeline.shared(
+        TABLE, lambda: ExactCache(pipeline.table(TABLE), pipeline.settings.cache)
+    )
 
 
 async def read_l2(pipeline: Pipeline, key: str) -> Result | None:
@@ -89,7 +93,13 @@ async def read_l2(pipeline: Pipeline, key: str) -> Result | None:
         log.warning("L2 cache read failed, treating as a miss: %s", exc)
         metrics.stage_events.labels(STAGE, "l2_error").inc()
         return None
-    return Result.model_validate_json(raw) if raw is not None else None
+    if raw is None:
+        return None
+    try:
+        return Result.model_validate_json(raw)
+    except ValidationError:
+        log.warning("L2 cache value for %s is unreadable, treating as a miss", key)
+        return None
 
 
 async def write_l2(pipeline: Pipeline, key: str, result: Result, ttl_s: float) -> None:

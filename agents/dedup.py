@@ -34,13 +34,24 @@ class InflightEntry:
     leader: str
     started_at: float
     followers: list[dict[str, Any]]
+    follower_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"leader": self.leader, "started_at": self.started_at, "followers": self.followers}
+        return {
+            "leader": self.leader,
+            "started_at": self.started_at,
+            "followers": self.followers,
+            "follower_bytes": self.follower_bytes,
+        }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> InflightEntry:
-        return cls(value["leader"], float(value["started_at"]), list(value["followers"]))
+        return cls(
+            value["leader"],
+            float(value["started_at"]),
+            list(value["followers"]),
+            int(value.get("follower_bytes", 0)),
+        )
 
 
 class InflightRegistry:
@@ -59,25 +70,33 @@ class InflightRegistry:
         if entry is not None and entry.leader == envelope.request.id:
             return Admission.LEAD  # the leader redelivered: it must not wait for itself
         if entry is not None and now - entry.started_at < self.settings.lock_timeout_s:
-            if len(entry.followers) >= self.settings.max_followers:
+            # The entry is one Table value, one changelog record: bound it by bytes too.
+            size = len(envelope.model_dump_json())
+            too_big = entry.follower_bytes + size > self.settings.max_follower_bytes
+            if len(entry.followers) >= self.settings.max_followers or too_big:
                 return Admission.ALONE
             entry.followers.append(envelope.model_dump(mode="json"))
+            entry.follower_bytes += size
             self.entries[key] = entry.to_json()
             return Admission.FOLLOW
-        inherited = entry.followers if entry is not None else []
-        self.entries[key] = InflightEntry(envelope.request.id, now, inherited).to_json()
+        if entry is None:
+            entry = InflightEntry(envelope.request.id, now, [])
+        else:
+            entry.leader, entry.started_at = envelope.request.id, now
+        self.entries[key] = entry.to_json()
         return Admission.LEAD
 
-    def release(self, fingerprint: str, leader: str) -> list[Envelope]:
-        """End the flight of `leader`; returns the followers that waited for it."""
+    def followers(self, fingerprint: str, leader: str) -> list[Envelope]:
+        """Who waits for `leader`; the entry stays until `end`, so a crash loses nobody."""
         stored = self.entries.get(fingerprint)
-        if stored is None:
+        if stored is None or stored["leader"] != leader:
             return []
-        entry = InflightEntry.from_json(stored)
-        if entry.leader != leader:
-            return []
-        del self.entries[fingerprint]
-        return [Envelope.model_validate(f) for f in entry.followers]
+        return [Envelope.model_validate(f) for f in stored["followers"]]
+
+    def end(self, fingerprint: str, leader: str) -> None:
+        stored = self.entries.get(fingerprint)
+        if stored is not None and stored["leader"] == leader:
+            del self.entries[fingerprint]
 
 
 def inflight_registry(pipeline: Pipeline) -> InflightRegistry:

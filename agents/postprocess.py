@@ -10,7 +10,7 @@ from faust.types import EventT
 
 from agents.cache import cacheable, exact_cache, write_l2
 from agents.dedup import inflight_registry
-from schemas.messages import Envelope, Status
+from schemas.messages import Envelope, ErrorCode, Status
 from streams import metrics
 from streams.app import Pipeline
 
@@ -24,6 +24,12 @@ def finish(envelope: Envelope) -> None:
         result.output = result.output.strip()
     if envelope.status is None:
         envelope.status = Status.ERROR if result is None or result.error else Status.OK
+
+
+def leader_timed_out(leader: Envelope) -> bool:
+    """The leader ran out of its own time: that says nothing about its followers' requests."""
+    error = leader.result.error if leader.result else None
+    return error is not None and error.code is ErrorCode.TIMEOUT
 
 
 def merged_answer(follower: Envelope, leader: Envelope) -> Envelope:
@@ -54,11 +60,23 @@ def attach(pipeline: Pipeline) -> None:
             )
             metrics.stage_events.labels(STAGE, "cache_evicted").inc(evicted)
             await write_l2(pipeline, envelope.fingerprint, envelope.result, ttl)
-        followers = inflight.release(envelope.fingerprint, envelope.request.id)
+        followers = inflight.followers(envelope.fingerprint, envelope.request.id)
         metrics.stage_events.labels(STAGE, "released").inc(len(followers))
         await pipeline.send("respond", envelope)
         for follower in followers:
             pipeline.mark(follower, "merge_wait")
-            await pipeline.send("respond", merged_answer(follower, envelope))
+            if follower.expired():
+                follower.fail(
+                    ErrorCode.TIMEOUT,
+                    "deadline_exceeded",
+                    "deadline passed while waiting for an identical request",
+                )
+                await pipeline.send("respond", follower)
+            elif leader_timed_out(envelope):
+                await pipeline.send("dedup", follower)  # goes on: the first one leads anew
+            else:
+                await pipeline.send("respond", merged_answer(follower, envelope))
+        # Only now: a crash before this point redelivers the event and answers them again.
+        inflight.end(envelope.fingerprint, envelope.request.id)
 
     pipeline.stage_agent(STAGE, postprocess, check_deadline=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 from typing import Any
@@ -21,6 +22,7 @@ from streams.app import Pipeline
 from topology.settings import Settings
 
 STAGE = "preprocess"
+log = logging.getLogger(__name__)
 TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -31,9 +33,15 @@ class InvalidRequest(Exception):
     """Why raw input is not a request, plus what is known about whom to tell."""
 
     def __init__(
-        self, reason: str, message: str, request_id: str | None, reply_topic: str | None
+        self,
+        reason: str,
+        message: str,
+        request_id: str | None,
+        reply_topic: str | None,
+        code: ErrorCode = ErrorCode.INVALID,
     ) -> None:
         super().__init__(message)
+        self.code = code
         self.reason = reason
         self.message = message
         self.request_id = request_id
@@ -109,9 +117,17 @@ def _schema_message(error: ValidationError) -> str:
 class Preprocessor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        responses = settings.topics.responses.name
+        self.internal_topics = {t.name for t in settings.all_topics()} - {responses}
 
     def parse(self, raw: bytes) -> Envelope:
         """Validate and enrich one raw message, or raise InvalidRequest."""
+        try:
+            return self._parse(raw)
+        except RecursionError as exc:
+            raise self._invalid(raw, "schema", "message is nested too deeply") from exc
+
+    def _parse(self, raw: bytes) -> Envelope:
         limits = self.settings.limits
         if len(raw) > limits.max_message_bytes:
             raise self._invalid(
@@ -136,6 +152,10 @@ class Preprocessor:
         except ValidationError as exc:
             raise self._invalid(raw, "schema", _schema_message(exc)) from exc
         self._check_model_and_params(raw, request)
+        if request.reply_topic in self.internal_topics:
+            raise self._invalid(
+                raw, "schema", f"reply_topic {request.reply_topic!r} is one of the pipeline's own"
+            )
         if request.reply_topic is not None and not TOPIC_NAME.match(request.reply_topic):
             raise self._invalid(
                 raw, "schema", f"reply_topic {request.reply_topic!r} is not a valid topic name"
@@ -177,7 +197,7 @@ def error_response(error: InvalidRequest) -> LLMResponse:
     return LLMResponse(
         id=error.request_id,
         status=Status.ERROR,
-        error=ErrorInfo(code=ErrorCode.INVALID, reason=error.reason, message=error.message),
+        error=ErrorInfo(code=error.code, reason=error.reason, message=error.message),
     )
 
 
@@ -189,7 +209,7 @@ def attach(pipeline: Pipeline) -> None:
         metrics.stage_events.labels(STAGE, error.reason).inc()
         if error.request_id is not None:
             response = error_response(error)
-            metrics.responses.labels(response.status.value, ErrorCode.INVALID.value).inc()
+            metrics.responses.labels(response.status.value, error.code.value).inc()
             await pipeline.reply_topic(error.reply_topic).send(
                 key=error.request_id.encode(), value=dump(response)
             )
@@ -202,11 +222,21 @@ def attach(pipeline: Pipeline) -> None:
             source = (topic_name, event.message.partition, event.message.offset)
             try:
                 envelope = preprocessor.parse(raw)
+                pipeline.mark(envelope, STAGE)
+                if await pipeline.finish_if_expired(envelope, STAGE):
+                    continue
+                metrics.stage_events.labels(STAGE, "accepted").inc()
+                await pipeline.send("ratelimit", envelope)
             except InvalidRequest as error:
                 await reject(raw, error, source)
-                continue
-            pipeline.mark(envelope, STAGE)
-            if await pipeline.finish_if_expired(envelope, STAGE):
-                continue
-            metrics.stage_events.labels(STAGE, "accepted").inc()
-            await pipeline.send("ratelimit", envelope)
+            except Exception as exc:
+                log.exception("preprocess failed on offset %s", event.message.offset)
+                request_id, reply_topic = _best_effort_identity(raw)
+                failure = f"preprocess failed on this message: {exc!r}"
+                await reject(
+                    raw,
+                    InvalidRequest(
+                        "internal_error", failure, request_id, reply_topic, ErrorCode.INTERNAL
+                    ),
+                    source,
+                )

@@ -59,9 +59,10 @@ def attach(pipeline: Pipeline) -> None:
 
     async def ratelimit(_event: EventT[bytes], envelope: Envelope) -> None:
         tenant = envelope.request.tenant
+        limit = limits.for_tenant(tenant)
         stored = buckets.get(tenant)
         bucket = Bucket.from_json(stored) if stored is not None else None
-        decision = take(bucket, limits.for_tenant(tenant), envelope.stage_entered_at)
+        decision = take(bucket, limit, envelope.stage_entered_at)
         buckets[tenant] = decision.bucket.to_json()
         if decision.allowed:
             metrics.stage_events.labels(STAGE, "allowed").inc()
@@ -72,8 +73,7 @@ def attach(pipeline: Pipeline) -> None:
             envelope,
             ErrorCode.RATE_LIMITED,
             "tenant_request_rate",
-            f"tenant {tenant!r} is over its limit of {limits.for_tenant(tenant).per_second:g}"
-            " requests/s",
+            f"tenant {tenant!r} is over its limit of {limit.per_second:g} requests/s",
             retry_after_s=round(decision.retry_after_s, 3),
         )
 

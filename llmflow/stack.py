@@ -83,13 +83,13 @@ class Workers(Managed):
             update={"metrics_port": port, "data_dir": str(self.run_dir / f"worker-{index}")}
         )
         env = {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
-        log = (self.run_dir / f"worker-{index}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llmflow.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.run_dir / f"worker-{index}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "llmflow.cli", "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.processes.append(process)
         self.metrics_ports.append(port)
         return process

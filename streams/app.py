@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import faust
 from faust.types import EventT, StreamT, TableT, TopicT
@@ -23,6 +23,7 @@ from topology.settings import KeyBy, Settings, TopicSpec
 MAX_REPLY_TOPICS = 1024
 log = logging.getLogger(__name__)
 StageHandler = Callable[[EventT[bytes], Envelope], Awaitable[None]]
+Shared = TypeVar("Shared")
 
 
 def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
@@ -61,6 +62,7 @@ class Pipeline:
         self.dlq_topic = self._topic(settings.topics.dlq)
         self.stream_topic = self._topic(settings.topics.stream)
         self._reply_topics: dict[str, TopicT] = {}
+        self._shared: dict[str, object] = {}
         self.cache_store: CacheStore = open_cache_store(
             settings.redis_url, settings.cache.max_entries_per_partition
         )
@@ -80,6 +82,12 @@ class Pipeline:
             return cast(TableT[str, Any], self.app.tables[name])
         partitions = self.settings.stage(self.settings.tables[name]).topic.partitions
         return self.app.Table(name, partitions=partitions, key_type=str)
+
+    def shared(self, name: str, make: Callable[[], Shared]) -> Shared:
+        """One object per worker for state that two stages share (a Table's index)."""
+        if name not in self._shared:
+            self._shared[name] = make()
+        return cast(Shared, self._shared[name])
 
     def reply_topic(self, name: str | None) -> TopicT:
         name = name or self.settings.topics.responses.name
@@ -127,11 +135,11 @@ class Pipeline:
                 try:
                     await handle(event, envelope)
                 except Exception as exc:
-                    await self._handle_crash(event, envelope, stage, exc)
+                    await self.handle_crash(event, envelope, stage, exc)
 
         self.app.agent(self.stage_topics[stage], name=stage)(agent)
 
-    async def _handle_crash(
+    async def handle_crash(
         self, event: EventT[bytes], envelope: Envelope, stage: str, exc: Exception
     ) -> None:
         log.exception("stage %s failed on request %s", stage, envelope.request.id)

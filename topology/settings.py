@@ -143,6 +143,7 @@ class Limits(Section):
 class DedupSettings(Section):
     lock_timeout_s: float = 60.0
     max_followers: int = 1000
+    max_follower_bytes: int = Field(default=512 * 1024, description="per in-flight entry")
 
 
 class CacheSettings(Section):
@@ -182,7 +183,6 @@ class Settings(Section):
     provider_api_key: str = "sim"
     metrics_port: int | None = None
     data_dir: str = ".cache/worker"
-    worker_concurrency: int = 1
     topics: Topics = Topics()
     stages: list[StageSpec] = Field(default_factory=default_stages)
     tables: dict[str, str] = Field(default_factory=default_tables)
@@ -200,6 +200,12 @@ class Settings(Section):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names repeat: {names}")
+        by_fingerprint = {s.topic.partitions for s in self.stages if s.key_by == "fingerprint"}
+        if len(by_fingerprint) > 1:
+            raise ValueError(
+                "stages keyed by fingerprint share Tables, so their topics need "
+                f"one partition count, not {sorted(by_fingerprint)}"
+            )
         for table, stage in self.tables.items():
             if stage not in names:
                 raise ValueError(f"table {table!r} names stage {stage!r}, not in the graph")

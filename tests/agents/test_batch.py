@@ -89,3 +89,18 @@ def test_queue_full_at_max_queued_across_models() -> None:
     w.due(now=1.0)
     assert w.add("c", "4", now=1.0) is None
     assert w.queued == 1
+
+
+def test_dispatched_requests_count_against_the_bound_until_they_finish() -> None:
+    w = windows(max_size=2, max_queued=3)
+    batch = w.add("m", "a", now=0.0)
+    assert batch is None
+    batch = w.add("m", "b", now=0.0)
+    assert batch == ["a", "b"]
+    w.in_flight += len(batch)
+    w.add("m", "c", now=0.0)
+    with pytest.raises(QueueFull):
+        w.add("m", "d", now=0.0)
+    w.in_flight -= 2
+    assert w.queued == 1
+    w.add("m", "d", now=0.0)

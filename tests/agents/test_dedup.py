@@ -35,7 +35,9 @@ def registry(entries: dict[str, Any]) -> InflightRegistry:
 
 def test_first_leads(registry: InflightRegistry, entries: dict[str, Any]) -> None:
     assert registry.admit(envelope("a"), now=10.0) is Admission.LEAD
-    assert entries == {FP: {"leader": "a", "started_at": 10.0, "followers": []}}
+    assert entries == {
+        FP: {"leader": "a", "started_at": 10.0, "followers": [], "follower_bytes": 0}
+    }
 
 
 def test_identical_second_follows(registry: InflightRegistry, entries: dict[str, Any]) -> None:
@@ -73,9 +75,10 @@ def test_stale_lock_is_taken_over_and_followers_inherited(
     assert stored["leader"] == "d"
     assert stored["started_at"] == 70.0
     assert [f["request"]["id"] for f in stored["followers"]] == ["b", "c"]
-    # the old leader's release no longer ends the flight; the new one's does
-    assert registry.release(FP, "a") == []
-    assert [f.request.id for f in registry.release(FP, "d")] == ["b", "c"]
+    # the old leader no longer owns the flight; the new one does
+    assert registry.followers(FP, "a") == []
+    registry.end(FP, "a")
+    assert [f.request.id for f in registry.followers(FP, "d")] == ["b", "c"]
 
 
 def test_max_followers_bound_sends_the_rest_alone(
@@ -94,13 +97,15 @@ def test_release_by_the_leader_returns_followers(
     registry.admit(envelope("a"), now=10.0)
     registry.admit(envelope("b"), now=10.0)
     registry.admit(envelope("c"), now=10.0)
-    followers = registry.release(FP, "a")
+    followers = registry.followers(FP, "a")
     assert all(isinstance(f, Envelope) for f in followers)
     assert [f.request.id for f in followers] == ["b", "c"]
     assert followers[0].fingerprint == FP
     assert followers[0].request.tenant == "acme"
+    assert FP in entries, "the entry stays until its answers are out"
+    registry.end(FP, "a")
     assert entries == {}
-    assert registry.release(FP, "a") == []
+    assert registry.followers(FP, "a") == []
 
 
 def test_release_by_a_wrong_leader_keeps_the_entry(
@@ -109,13 +114,15 @@ def test_release_by_a_wrong_leader_keeps_the_entry(
     registry.admit(envelope("a"), now=10.0)
     registry.admit(envelope("b"), now=10.0)
     before = dict(entries)
-    assert registry.release(FP, "b") == []
+    assert registry.followers(FP, "b") == []
+    registry.end(FP, "b")
     assert entries == before
-    assert [f.request.id for f in registry.release(FP, "a")] == ["b"]
+    assert [f.request.id for f in registry.followers(FP, "a")] == ["b"]
 
 
 def test_release_of_unknown_fingerprint_is_empty(registry: InflightRegistry) -> None:
-    assert registry.release("0" * 64, "a") == []
+    assert registry.followers("0" * 64, "a") == []
+    registry.end("0" * 64, "a")
 
 
 def test_redelivered_leader_leads_again_and_keeps_followers(
@@ -125,4 +132,16 @@ def test_redelivered_leader_leads_again_and_keeps_followers(
     assert registry.admit(envelope("b"), now=11.0) is Admission.FOLLOW
     assert registry.admit(envelope("a"), now=12.0) is Admission.LEAD
     assert [f["request"]["id"] for f in entries[FP]["followers"]] == ["b"]
-    assert [f.request.id for f in registry.release(FP, "a")] == ["b"]
+    assert [f.request.id for f in registry.followers(FP, "a")] == ["b"]
+
+
+def test_followers_are_bounded_by_bytes_too(entries: dict[str, Any]) -> None:
+    one = len(envelope("b").model_dump_json())
+    registry = InflightRegistry(
+        entries, DedupSettings(max_followers=1000, max_follower_bytes=2 * one + one // 2)
+    )
+    registry.admit(envelope("a"), now=10.0)
+    assert registry.admit(envelope("b"), now=10.0) is Admission.FOLLOW
+    assert registry.admit(envelope("c"), now=10.0) is Admission.FOLLOW
+    assert registry.admit(envelope("d"), now=10.0) is Admission.ALONE
+    assert 2 * one - 10 <= entries[FP]["follower_bytes"] <= 2 * one + one // 2

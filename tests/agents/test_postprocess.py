@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agents.postprocess import finish, merged_answer
+from agents.postprocess import finish, leader_timed_out, merged_answer
 from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
 
 
@@ -92,3 +92,13 @@ def test_merged_answer_without_a_leader_result() -> None:
     merged = merged_answer(envelope("f"), leader)
     assert merged.result is None
     assert merged.status == Status.ERROR
+
+
+def test_only_a_timeout_of_the_leader_itself_counts_as_timed_out() -> None:
+    leader = envelope("a")
+    leader.fail(ErrorCode.TIMEOUT, "deadline_exceeded", "late")
+    assert leader_timed_out(leader)
+    upstream = envelope("b")
+    upstream.fail(ErrorCode.UPSTREAM_ERROR, "http_500", "down")
+    assert not leader_timed_out(upstream)
+    assert not leader_timed_out(envelope("c", Status.OK, result()))

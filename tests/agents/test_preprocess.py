@@ -338,3 +338,18 @@ def test_any_bytes_become_an_envelope_or_an_invalid_request(raw_bytes: bytes) ->
         assert error.message
     else:
         assert len(envelope.fingerprint) == 64
+
+
+def test_deep_nesting_is_a_schema_error_not_a_crash(pre: Preprocessor) -> None:
+    deep = "[" * 400 + '"\\ud800"' + "]" * 400
+    payload = raw(request()).replace(b'"tenant"', b'"metadata": ' + deep.encode() + b', "tenant"')
+    error = reject(pre, payload)
+    assert error.reason == "schema" and "nested too deeply" in error.message
+    assert error.request_id == "req-1"
+
+
+def test_reply_topic_may_not_be_one_of_the_pipelines_own(pre: Preprocessor) -> None:
+    for topic in ("llm.stage.dedup", "llmflow-cache-exact-changelog", "llm.requests"):
+        error = reject(pre, raw(request(reply_topic=topic)))
+        assert error.reason == "schema" and "pipeline's own" in error.message
+    assert pre.parse(raw(request(reply_topic="llm.responses"))).request.reply_topic

@@ -338,3 +338,16 @@ async def test_tables_recover_from_their_changelogs_when_all_workers_restart(
         again = await client.call(new_request(prompt, "acme"), timeout=60)
         assert again.status is Status.CACHED and again.cache_tier == "l1"
         assert again.output == first.output
+
+
+async def test_a_leader_running_out_of_its_own_time_does_not_fail_its_followers(
+    client: LLMFlowClient,
+) -> None:
+    prompt = f"hurry {uuid.uuid4()}"
+    leader = new_request(prompt, "acme", deadline=time.time() + 0.15)
+    patient = new_request(prompt, "acme")
+    answers = await answer_all(client, [leader, patient])
+    late = answers[leader.id]
+    assert late.error is not None and late.error.code is ErrorCode.TIMEOUT
+    answer = answers[patient.id]
+    assert answer.status is Status.OK and answer.output, answer

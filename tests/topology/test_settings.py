@@ -151,3 +151,14 @@ def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() ->
 def test_a_table_on_an_unknown_stage_is_refused() -> None:
     with pytest.raises(ValueError, match="not in the graph"):
         Settings(tables={"t": "nowhere"})
+
+
+def test_stages_sharing_tables_must_share_a_partition_count() -> None:
+    stages = [
+        s.model_copy(update={"topic": s.topic.model_copy(update={"partitions": 8})})
+        if s.name == "postprocess"
+        else s
+        for s in Settings().stages
+    ]
+    with pytest.raises(ValueError, match="one partition count"):
+        Settings(stages=stages)
