@@ -13,12 +13,12 @@ import re
 import unicodedata
 from typing import Any
 
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
 from schemas.messages import Envelope, ErrorCode, ErrorInfo, LLMRequest, LLMResponse, Status, dump
 from streams import metrics
-from streams.app import Pipeline
+from streams.app import Pipeline, raw_bytes
 from topology.settings import Settings
 
 STAGE = "preprocess"
@@ -203,9 +203,8 @@ def error_response(error: InvalidRequest) -> LLMResponse:
 
 def attach(pipeline: Pipeline) -> None:
     preprocessor = Preprocessor(pipeline.settings)
-    topic_name = pipeline.settings.topics.requests.name
 
-    async def reject(raw: bytes, error: InvalidRequest, source: tuple[str, int, int]) -> None:
+    async def reject(event: EventT[bytes], error: InvalidRequest) -> None:
         metrics.stage_events.labels(STAGE, error.reason).inc()
         if error.request_id is not None:
             response = error_response(error)
@@ -213,13 +212,12 @@ def attach(pipeline: Pipeline) -> None:
             await pipeline.reply_topic(error.reply_topic).send(
                 key=error.request_id.encode(), value=dump(response)
             )
-        await pipeline.dead_letter(raw, error.reason, error.message, error.request_id, source)
+        await pipeline.dead_letter(event, error.reason, error.message, error.request_id)
 
     @pipeline.app.agent(pipeline.requests_topic, name=STAGE)
     async def preprocess(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
-            raw = event.value if isinstance(event.value, bytes) else b""
-            source = (topic_name, event.message.partition, event.message.offset)
+            raw = raw_bytes(event)
             try:
                 envelope = preprocessor.parse(raw)
                 pipeline.mark(envelope, STAGE)
@@ -228,15 +226,14 @@ def attach(pipeline: Pipeline) -> None:
                 metrics.stage_events.labels(STAGE, "accepted").inc()
                 await pipeline.send("ratelimit", envelope)
             except InvalidRequest as error:
-                await reject(raw, error, source)
+                await reject(event, error)
             except Exception as exc:
                 log.exception("preprocess failed on offset %s", event.message.offset)
                 request_id, reply_topic = _best_effort_identity(raw)
                 failure = f"preprocess failed on this message: {exc!r}"
                 await reject(
-                    raw,
+                    event,
                     InvalidRequest(
                         "internal_error", failure, request_id, reply_topic, ErrorCode.INTERNAL
                     ),
-                    source,
                 )

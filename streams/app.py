@@ -26,6 +26,11 @@ StageHandler = Callable[[EventT[bytes], Envelope], Awaitable[None]]
 Shared = TypeVar("Shared")
 
 
+def raw_bytes(event: EventT[bytes]) -> bytes:
+    """The message as sent; a tombstone (no value) reads as empty."""
+    return event.value if isinstance(event.value, bytes) else b""
+
+
 def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
     request = envelope.request
     if key_by == "tenant":
@@ -106,14 +111,11 @@ class Pipeline:
 
         An envelope that does not parse is dead-lettered; only a bug upstream makes one.
         """
-        topic_name = self.settings.stage(stage).topic.name
         async for event in stream.events():
-            raw = event.value if isinstance(event.value, bytes) else b""
             try:
-                envelope = Envelope.model_validate_json(raw)
+                envelope = Envelope.model_validate_json(raw_bytes(event))
             except ValidationError as exc:
-                source = (topic_name, event.message.partition, event.message.offset)
-                await self.dead_letter(raw, "bad_envelope", str(exc), None, source)
+                await self.dead_letter(event, "bad_envelope", str(exc), None)
                 if not stream.enable_acks:
                     await stream.ack(event)
                 continue
@@ -144,20 +146,9 @@ class Pipeline:
     ) -> None:
         log.exception("stage %s failed on request %s", stage, envelope.request.id)
         metrics.stage_events.labels(stage, "internal_error").inc()
-        raw = event.value if isinstance(event.value, bytes) else b""
-        source = (
-            self.settings.stage(stage).topic.name,
-            event.message.partition,
-            event.message.offset,
-        )
-        await self.dead_letter(
-            raw, "internal_error", f"{stage}: {exc!r}", envelope.request.id, source
-        )
-        already_failed = (
-            envelope.result is not None
-            and envelope.result.error is not None
-            and (envelope.result.error.code is ErrorCode.INTERNAL)
-        )
+        await self.dead_letter(event, "internal_error", f"{stage}: {exc!r}", envelope.request.id)
+        error = envelope.result.error if envelope.result else None
+        already_failed = error is not None and error.code is ErrorCode.INTERNAL
         if not already_failed:
             await self.fail(
                 envelope,
@@ -206,22 +197,17 @@ class Pipeline:
         return True
 
     async def dead_letter(
-        self,
-        raw: bytes,
-        reason: str,
-        message: str,
-        request_id: str | None,
-        source: tuple[str, int | None, int | None],
+        self, event: EventT[bytes], reason: str, message: str, request_id: str | None
     ) -> None:
-        topic, partition, offset = source
+        """Keep `event`'s raw bytes and where they came from on the DLQ."""
         letter = DeadLetter(
-            raw_b64=base64.b64encode(raw).decode(),
+            raw_b64=base64.b64encode(raw_bytes(event)).decode(),
             reason=reason,
             message=message,
             request_id=request_id,
-            source_topic=topic,
-            source_partition=partition,
-            source_offset=offset,
+            source_topic=event.message.topic,
+            source_partition=event.message.partition,
+            source_offset=event.message.offset,
         )
         metrics.dead_letters.labels(reason).inc()
         await self.dlq_topic.send(key=(request_id or "").encode() or None, value=dump(letter))
