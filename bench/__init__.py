@@ -1,0 +1,1 @@
+"""Benchmarks: numbers printed and written as JSON, never asserted as timings."""

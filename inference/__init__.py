@@ -1,0 +1,1 @@
+"""The inference engine: ONNX Runtime sessions for local encoders and decoders."""

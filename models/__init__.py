@@ -1,0 +1,1 @@
+"""Model builds: the embedding export, the decoder zoo and the complexity classifier."""
