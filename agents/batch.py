@@ -1,13 +1,30 @@
-"""Batch: per-model windows that close when full or when their wait runs out.
+"""Batch: per-model queues that close into batches sized and timed by the measured load.
 
-Each closed window goes to infer in this process (same key, no hop). Events are acked only
-once their batch's answers are sent on, so a worker crash redelivers them; batches run
-concurrently, and faust commits offsets only up to the oldest unacked event.
+Like NVIDIA Triton's dynamic batcher, a batch closes when it is full or when its wait runs
+out; unlike a fixed window, both adapt. Per model the batcher keeps the arrival rate and a
+line fitted to the measured batch latency (t = a + c·b, as BentoML does). The target size
+is the smallest batch that keeps up with the arrivals, with headroom, within the size
+bounds (or one, when one at a time keeps up); the wait is the time the arrivals take to
+fill it, within the wait bounds. A free executor never idles for nothing: when the
+arrivals expected before the wait runs out would not fill the batch, it closes at once,
+so light load pays no batching delay.
+
+High priority is taken before normal before low; a request whose deadline would pass
+before its batch could finish is answered `timeout` instead of waiting; queues are bounded
+and past the bound a request is answered `overloaded`.
+
+Closed batches go to infer in this process (same key, no hop). Events are acked only once
+their answers are sent on, so a worker crash redelivers them; faust commits offsets only
+up to the oldest unacked event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
@@ -15,82 +32,318 @@ from faust import Stream
 from faust.types import EventT, StreamT
 
 from agents.infer import InferenceRunner
-from schemas.messages import Envelope, ErrorCode
+from schemas.messages import Envelope, ErrorCode, Priority
 from streams import metrics
 from streams.app import Pipeline
-from streams.drivers.openai_http import OpenAIHTTPBackend
+from streams.drivers.backends import open_backends
+from topology.settings import BatchSettings
 
 STAGE = "batch"
 Item = TypeVar("Item")
+PRIORITY_ORDER = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
 
 class QueueFull(Exception):
     pass
 
 
+class DeadlineUnreachable(Exception):
+    pass
+
+
+class ArrivalRate:
+    """Arrivals per second, decayed exponentially with time constant `tau_s`."""
+
+    def __init__(self, tau_s: float = 1.0) -> None:
+        self.tau_s = tau_s
+        self._rate = 0.0
+        self._at: float | None = None
+
+    def _decayed(self, now: float) -> float:
+        if self._at is None:
+            return 0.0
+        return self._rate * math.exp(-max(0.0, now - self._at) / self.tau_s)
+
+    def arrive(self, now: float) -> None:
+        self._rate = self._decayed(now) + 1.0 / self.tau_s
+        self._at = now
+
+    def per_second(self, now: float) -> float:
+        return self._decayed(now)
+
+
+class LatencyFit:
+    """Batch latency as a line in batch size, t(b) = a + c·b, by recency-weighted least
+    squares; before two sizes have been seen it assumes the per-batch cost dominates, and
+    before any it assumes no cost, so nothing is refused on a guess."""
+
+    def __init__(self, forget: float = 0.95) -> None:
+        self.forget = forget
+        self._n = self._sb = self._sbb = self._st = self._sbt = 0.0
+
+    def record(self, size: int, seconds: float) -> None:
+        f = self.forget
+        self._n = f * self._n + 1.0
+        self._sb = f * self._sb + size
+        self._sbb = f * self._sbb + size * size
+        self._st = f * self._st + seconds
+        self._sbt = f * self._sbt + size * seconds
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, c): seconds per batch and seconds per item, both kept ≥ 0."""
+        if self._n == 0.0:
+            return 0.0, 0.0
+        mean_b, mean_t = self._sb / self._n, self._st / self._n
+        spread = self._sbb / self._n - mean_b * mean_b
+        if spread < 1e-6 * max(1.0, mean_b * mean_b):
+            return mean_t, 0.0
+        c = max(0.0, (self._sbt / self._n - mean_b * mean_t) / spread)
+        return max(0.0, mean_t - c * mean_b), c
+
+    def predict(self, size: int) -> float:
+        a, c = self.coefficients()
+        return a + c * size
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """How many batches of a model may run at once, and how large one may be."""
+
+    slots: int
+    max_size: int
+
+
 @dataclass
-class Window(Generic[Item]):
-    opened_at: float
-    items: list[Item] = field(default_factory=list)
+class Queued(Generic[Item]):
+    item: Item
+    arrived: float
+    deadline: float | None
 
 
-class BatchWindows(Generic[Item]):
-    """Open windows per model, bounded by `max_queued` requests across all of them,
-    those of dispatched batches that have not finished included."""
+@dataclass
+class ModelQueue(Generic[Item]):
+    rate: ArrivalRate
+    fit: LatencyFit
+    by_priority: dict[Priority, deque[Queued[Item]]] = field(
+        default_factory=lambda: {p: deque() for p in PRIORITY_ORDER}
+    )
+    batches_running: int = 0
 
-    def __init__(self, max_size: int, max_wait_s: float, max_queued: int) -> None:
-        self.max_size = max_size
-        self.max_wait_s = max_wait_s
-        self.max_queued = max_queued
-        self.windows: dict[str, Window[Item]] = {}
-        self.in_flight = 0
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_priority.values())
+
+    def entries(self) -> list[Queued[Item]]:
+        return [e for p in PRIORITY_ORDER for e in self.by_priority[p]]
+
+
+class AdaptiveBatcher(Generic[Item]):
+    """Per-model priority queues that close into batches; time is passed in, so tests and
+    the benchmark drive it exactly as the batch stage does."""
+
+    def __init__(self, settings: BatchSettings, limits: Callable[[str], ModelLimits]) -> None:
+        self.settings = settings
+        self.limits = limits
+        self.queues: dict[str, ModelQueue[Item]] = {}
+        self.items_running = 0
 
     @property
     def queued(self) -> int:
-        return sum(len(w.items) for w in self.windows.values()) + self.in_flight
+        """Requests held by this stage: waiting in a queue or in a running batch."""
+        return sum(len(q) for q in self.queues.values()) + self.items_running
 
-    def add(self, model: str, item: Item, now: float) -> list[Item] | None:
-        """Queue `item`; returns the model's batch when this item filled it."""
-        if self.queued >= self.max_queued:
+    def _queue(self, model: str) -> ModelQueue[Item]:
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = ModelQueue(ArrivalRate(self.settings.rate_window_s), LatencyFit())
+            self.queues[model] = queue
+        return queue
+
+    def target_size(self, model: str, now: float) -> int:
+        """The smallest batch that keeps up with the arrivals (b ≥ λ·t(b)), with headroom;
+        one when requests one at a time keep up, so light load never waits to batch."""
+        queue = self._queue(model)
+        rate = queue.rate.per_second(now)
+        a, c = queue.fit.coefficients()
+        high = self.limits(model).max_size
+        low = min(self.settings.min_size, high)
+        if rate * c >= 1.0:
+            return high
+        need = rate * a / (1.0 - rate * c) * self.settings.headroom
+        if need <= 1.0:
+            return 1
+        return max(low, min(high, math.ceil(need)))
+
+    def wait_s(self, model: str, now: float) -> float:
+        """How long the oldest request may wait: the arrivals' time to fill the target."""
+        rate = self._queue(model).rate.per_second(now)
+        fill = self.target_size(model, now) / rate if rate > 0 else math.inf
+        low, high = self.settings.min_wait_ms / 1000.0, self.settings.max_wait_ms / 1000.0
+        return max(low, min(high, fill))
+
+    def add(
+        self, model: str, item: Item, priority: Priority, deadline: float | None, now: float
+    ) -> None:
+        """Queue `item`, or raise QueueFull / DeadlineUnreachable so it is answered at once."""
+        if self.queued >= self.settings.max_queued:
             raise QueueFull(f"{self.queued} requests already wait for a batch")
-        window = self.windows.setdefault(model, Window(opened_at=now))
-        window.items.append(item)
-        if len(window.items) >= self.max_size:
-            del self.windows[model]
-            return window.items
-        return None
+        queue = self._queue(model)
+        queue.rate.arrive(now)
+        if deadline is not None and deadline < now + queue.fit.predict(1):
+            raise DeadlineUnreachable(
+                f"the deadline is {max(0.0, deadline - now) * 1000:.0f} ms away; "
+                f"a batch of {model} takes {queue.fit.predict(1) * 1000:.0f} ms"
+            )
+        queue.by_priority[priority].append(Queued(item, now, deadline))
 
-    def due(self, now: float) -> list[tuple[str, list[Item]]]:
-        """Close and return every window whose wait has run out."""
-        ready = [m for m, w in self.windows.items() if now - w.opened_at >= self.max_wait_s]
-        return [(m, self.windows.pop(m).items) for m in ready]
+    def _ready(self, model: str, queue: ModelQueue[Item], now: float) -> bool:
+        if not len(queue) or queue.batches_running >= self.limits(model).slots:
+            return False
+        target = self.target_size(model, now)
+        if len(queue) >= target:
+            return True
+        entries = queue.entries()
+        oldest = min(e.arrived for e in entries)
+        remaining = oldest + self.wait_s(model, now) - now
+        if remaining <= 0:
+            return True
+        expected_arrivals = queue.rate.per_second(now) * remaining
+        if len(queue) + expected_arrivals < target:
+            return True
+        finish = now + remaining + queue.fit.predict(target)
+        return any(e.deadline is not None and e.deadline < finish for e in entries)
 
-    def next_due(self) -> float | None:
-        if not self.windows:
-            return None
-        return min(w.opened_at for w in self.windows.values()) + self.max_wait_s
+    def take_ready(self, now: float) -> list[tuple[str, list[Item]]]:
+        """Close every batch that should go now, highest priority first, and count it as
+        running until `done` is called for it."""
+        batches = []
+        for model, queue in self.queues.items():
+            max_size = self.limits(model).max_size
+            while self._ready(model, queue, now):
+                items: list[Item] = []
+                for priority in PRIORITY_ORDER:
+                    pending = queue.by_priority[priority]
+                    while pending and len(items) < max_size:
+                        items.append(pending.popleft().item)
+                queue.batches_running += 1
+                self.items_running += len(items)
+                batches.append((model, items))
+        return batches
+
+    def expire(self, now: float) -> list[Item]:
+        """Remove and return the requests whose deadline would pass before a batch finished."""
+        gone: list[Item] = []
+        for queue in self.queues.values():
+            finish = now + queue.fit.predict(1)
+            for priority in PRIORITY_ORDER:
+                pending = queue.by_priority[priority]
+                late = [e for e in pending if e.deadline is not None and e.deadline < finish]
+                if late:
+                    gone.extend(e.item for e in late)
+                    queue.by_priority[priority] = deque(e for e in pending if e not in late)
+        return gone
+
+    def done(self, model: str, size: int, seconds: float) -> None:
+        queue = self._queue(model)
+        queue.batches_running -= 1
+        self.items_running -= size
+        queue.fit.record(size, seconds)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When a waiting batch's wait or a queued deadline next runs out."""
+        times = []
+        for model, queue in self.queues.items():
+            entries = queue.entries()
+            if not entries:
+                continue
+            times.append(min(e.arrived for e in entries) + self.wait_s(model, now))
+            deadlines = [e.deadline for e in entries if e.deadline is not None]
+            if deadlines:
+                times.append(min(deadlines) - queue.fit.predict(1))
+        return min(times) if times else None
+
+
+class BatchScheduler(Generic[Item]):
+    """Runs an AdaptiveBatcher on the event loop: closes batches, runs `execute` for each
+    concurrently, and feeds the measured latency back. The batch stage and the benchmark
+    both use it, so the benchmark measures the stage's own batching."""
+
+    def __init__(
+        self,
+        batcher: AdaptiveBatcher[Item],
+        execute: Callable[[str, list[Item]], Awaitable[None]],
+        expired: Callable[[Item], Awaitable[None]],
+    ) -> None:
+        self.batcher = batcher
+        self.execute = execute
+        self.expired = expired
+        self.running: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def submit(self, model: str, item: Item, priority: Priority, deadline: float | None) -> None:
+        """Queue `item`; `deadline` is on the loop's clock. Raises QueueFull or
+        DeadlineUnreachable."""
+        self.batcher.add(model, item, priority, deadline, self.now())
+        self._wake.set()
+
+    async def _run_batch(self, model: str, items: list[Item]) -> None:
+        started = self.now()
+        try:
+            await self.execute(model, items)
+        finally:
+            self.batcher.done(model, len(items), self.now() - started)
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            now = self.now()
+            for item in self.batcher.expire(now):
+                await self.expired(item)
+            for model, items in self.batcher.take_ready(now):
+                task = asyncio.create_task(self._run_batch(model, items))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+            wake_at = self.batcher.next_wakeup(now)
+            timeout = None if wake_at is None else max(0.0005, wake_at - self.now())
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def drain(self) -> None:
+        """Wait for the batches already running."""
+        while self.running:
+            await asyncio.gather(*list(self.running), return_exceptions=True)
+
+
+def loop_deadline(envelope: Envelope, loop_now: float) -> float | None:
+    """The request's unix deadline on the event loop's clock."""
+    deadline = envelope.request.deadline
+    return None if deadline is None else loop_now + (deadline - time.time())
 
 
 def attach(pipeline: Pipeline) -> None:
     settings = pipeline.settings
-    windows: BatchWindows[tuple[EventT[bytes], Envelope]] = BatchWindows(
-        settings.batch.max_size,
-        settings.batch.max_wait_ms / 1000.0,
-        settings.batch.max_queued,
-    )
-    backend = OpenAIHTTPBackend(
-        settings.provider_url, settings.provider_api_key, settings.infer.max_concurrency
-    )
-    runner = InferenceRunner(settings, backend)
-    running: set[asyncio.Task[None]] = set()
+    backends = open_backends(settings)
+    runner = InferenceRunner(settings, backends)
+
+    def limits(model: str) -> ModelLimits:
+        spec = settings.model(model)
+        if spec is None:
+            return ModelLimits(slots=1, max_size=1)
+        return ModelLimits(
+            spec.max_batches_in_flight, spec.max_batch_size or settings.batch.max_size
+        )
 
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def batch(stream: StreamT[bytes]) -> None:
         manual = cast(Stream[bytes], stream).noack()
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
+        Pending = tuple[EventT[bytes], Envelope]
 
-        async def run(model: str, items: list[tuple[EventT[bytes], Envelope]]) -> None:
+        async def execute(model: str, items: list[Pending]) -> None:
             metrics.batch_size.labels(model).observe(len(items))
             try:
                 await runner.run([e for _, e in items])
@@ -101,51 +354,42 @@ def attach(pipeline: Pipeline) -> None:
                     except Exception as exc:
                         await pipeline.handle_crash(event, envelope, STAGE, exc)
             finally:
-                windows.in_flight -= len(items)
                 for event, _ in items:
                     await manual.ack(event)
 
-        def dispatch(model: str, items: list[tuple[EventT[bytes], Envelope]]) -> None:
-            windows.in_flight += len(items)
-            task = asyncio.create_task(run(model, items))
-            running.add(task)
-            task.add_done_callback(running.discard)
+        async def expired(item: Pending) -> None:
+            event, envelope = item
+            await pipeline.fail(
+                envelope,
+                ErrorCode.TIMEOUT,
+                "deadline_exceeded",
+                "the deadline would pass before a batch could finish",
+            )
+            await manual.ack(event)
 
-        async def flush_when_due() -> None:
-            while True:
-                due_at = windows.next_due()
-                timeout = None if due_at is None else max(0.0, due_at - loop.time())
-                wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), timeout)
-                except TimeoutError:
-                    pass
-                for model, items in windows.due(loop.time()):
-                    dispatch(model, items)
-
-        flusher = asyncio.create_task(flush_when_due())
+        batcher: AdaptiveBatcher[Pending] = AdaptiveBatcher(settings.batch, limits)
+        scheduler = BatchScheduler(batcher, execute, expired)
+        flusher = asyncio.create_task(scheduler.run())
         try:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
                 try:
                     if await pipeline.finish_if_expired(envelope, STAGE):
                         await manual.ack(event)
                         continue
-                    model = envelope.model or ""
-                    full = windows.add(model, (event, envelope), loop.time())
+                    priority = envelope.request.priority
+                    deadline = loop_deadline(envelope, scheduler.now())
+                    scheduler.submit(envelope.model or "", (event, envelope), priority, deadline)
                 except QueueFull as exc:
                     await pipeline.fail(
                         envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc)
                     )
                     await manual.ack(event)
-                    continue
+                except DeadlineUnreachable as exc:
+                    await pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc))
+                    await manual.ack(event)
                 except Exception as exc:
                     await pipeline.handle_crash(event, envelope, STAGE, exc)
                     await manual.ack(event)
-                    continue
-                if full is not None:
-                    dispatch(model, full)
-                else:
-                    wake.set()
         finally:
             flusher.cancel()
-            await backend.close()
+            await backends.close()

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from schemas.messages import Envelope, ErrorCode, Result, Status
+from schemas.messages import Envelope, ErrorCode, Result, Status, StreamChunk
 from streams import metrics
 from topology.settings import InferSettings, ModelSpec, Settings
 
@@ -31,9 +32,16 @@ class UpstreamError(Exception):
         self.retry_after_s = retry_after_s
 
 
+Delta = Callable[[str], Awaitable[None]]
+ChunkSink = Callable[[StreamChunk], Awaitable[None]]
+
+
 class ChatBackend(Protocol):
-    async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
-        """One call; raises UpstreamError or asyncio.TimeoutError."""
+    async def complete(
+        self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+    ) -> Result:
+        """One call; raises UpstreamError or asyncio.TimeoutError. When `on_delta` is given
+        the answer's text is passed to it piece by piece as it is generated."""
         ...
 
     async def close(self) -> None: ...
@@ -45,10 +53,30 @@ def backoff_delay(attempt: int, settings: InferSettings, rng: random.Random) -> 
     return rng.uniform(0.0, ceiling)
 
 
+class StreamedChunks:
+    """Sends a request's deltas as numbered stream chunks and counts them."""
+
+    def __init__(self, request_id: str, sink: ChunkSink) -> None:
+        self.request_id = request_id
+        self.sink = sink
+        self.sent = 0
+
+    async def __call__(self, delta: str) -> None:
+        await self.sink(StreamChunk(id=self.request_id, index=self.sent, delta=delta))
+        self.sent += 1
+
+
 class InferenceRunner:
-    def __init__(self, settings: Settings, backend: ChatBackend, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: ChatBackend,
+        chunks: ChunkSink | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
+        self.chunks = chunks
         self.rng = random.Random(seed)
         self.slots = asyncio.Semaphore(settings.infer.max_concurrency)
 
@@ -65,8 +93,11 @@ class InferenceRunner:
         budget = self.settings.infer.timeout_s
         if envelope.request.deadline is not None:
             budget = min(budget, envelope.request.deadline - time.time())
+        stream = None
+        if envelope.request.stream and self.chunks is not None:
+            stream = StreamedChunks(envelope.request.id, self.chunks)
         try:
-            result = await asyncio.wait_for(self._call(spec, envelope), budget)
+            result = await asyncio.wait_for(self._call(spec, envelope, stream), budget)
         except TimeoutError:
             metrics.upstream_calls.labels(spec.name, "timeout").inc()
             envelope.fail(
@@ -86,19 +117,26 @@ class InferenceRunner:
         envelope.result = result
         envelope.status = Status.OK
 
-    async def _call(self, spec: ModelSpec, envelope: Envelope) -> Result:
+    async def _call(
+        self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
+    ) -> Result:
         """Waiting for a slot counts against the request's time budget too."""
         async with self.slots:
-            return await self._with_retries(spec, envelope)
+            return await self._with_retries(spec, envelope, stream)
 
-    async def _with_retries(self, spec: ModelSpec, envelope: Envelope) -> Result:
+    async def _with_retries(
+        self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
+    ) -> Result:
+        """A call that already streamed part of its answer is not retried: the caller has
+        those chunks, and a second answer would not continue them."""
         retries = self.settings.infer.retries
         for attempt in range(retries + 1):
             try:
-                result = await self.backend.complete(spec, envelope)
+                result = await self.backend.complete(spec, envelope, stream)
             except UpstreamError as exc:
                 metrics.upstream_calls.labels(spec.name, exc.reason).inc()
-                if not exc.retryable or attempt == retries:
+                streamed = stream is not None and stream.sent > 0
+                if not exc.retryable or attempt == retries or streamed:
                     raise
                 delay = backoff_delay(attempt, self.settings.infer, self.rng)
                 await asyncio.sleep(max(delay, exc.retry_after_s or 0.0))

@@ -1,4 +1,5 @@
-"""`llmflow`: run the pipeline embedded, run a worker, submit a request, export schemas."""
+"""`llmflow`: run the pipeline embedded, run a worker, submit a request, export schemas,
+run benchmarks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench import batching as bench_batching
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
@@ -167,6 +169,12 @@ def parser() -> argparse.ArgumentParser:
     create = topics_sub.add_parser("create", help="create the topology's topics")
     create.add_argument("--bootstrap")
     create.set_defaults(func=cmd_topics)
+
+    bench = sub.add_parser("bench", help="benchmarks that print numbers and write JSON")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True)
+    batching = bench_sub.add_parser("batching", help="the batcher against offline batching")
+    bench_batching.add_arguments(batching)
+    batching.set_defaults(func=bench_batching.run)
     return root
 
 

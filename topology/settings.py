@@ -100,6 +100,22 @@ class ModelSpec(Section):
     context_window: int = 4096
     max_output_tokens: int = 4096
     capabilities: list[str] = Field(default_factory=lambda: ["chat"])
+    max_batches_in_flight: int = Field(default=256, ge=1)
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="None: 1 for an HTTP model (one request per call), else BatchSettings.max_size",
+    )
+
+    def batch_limit(self, default: int) -> int:
+        """An HTTP call carries one request, so grouping remote requests only adds a wait."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return 1 if self.backend == "openai" else default
+
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """US dollars for one call at the registry's prices."""
+        return (prompt_tokens * self.input_per_1k + completion_tokens * self.output_per_1k) / 1e3
 
 
 def default_models() -> list[ModelSpec]:
@@ -155,9 +171,15 @@ class CacheSettings(Section):
 
 
 class BatchSettings(Section):
+    """Bounds within which each model's batch size and wait adapt to its load."""
+
+    min_size: int = Field(default=4, ge=1)
     max_size: int = Field(default=16, ge=1)
-    max_wait_ms: float = Field(default=10.0, ge=0)
+    min_wait_ms: float = Field(default=50.0, ge=0)
+    max_wait_ms: float = Field(default=200.0, ge=0)
     max_queued: int = Field(default=4096, ge=1)
+    headroom: float = Field(default=1.25, ge=1.0, description="target size over the least")
+    rate_window_s: float = Field(default=1.0, gt=0, description="arrival-rate time constant")
 
 
 class InferSettings(Section):

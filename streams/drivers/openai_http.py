@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
 
-from agents.infer import UpstreamError
+from agents.infer import Delta, UpstreamError
 from schemas.messages import Envelope, Result, Usage
 from topology.settings import ModelSpec
 
@@ -33,6 +34,42 @@ def request_body(spec: ModelSpec, envelope: Envelope) -> dict[str, Any]:
     return body
 
 
+class StreamedCompletion:
+    """Folds the SSE chunks of a streamed chat completion into the body of an unstreamed one,
+    passing each content delta on as it comes."""
+
+    def __init__(self, on_delta: Delta) -> None:
+        self.on_delta = on_delta
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.tail: dict[str, Any] = {}
+        self.done = False
+
+    async def feed(self, line: str) -> None:
+        if not line.startswith("data:"):
+            return
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            self.done = True
+            return
+        chunk = json.loads(data)
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.parts.append(content)
+                await self.on_delta(content)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        for key in ("usage", "x_cost_usd"):
+            if key in chunk:
+                self.tail[key] = chunk[key]
+
+    def body(self) -> dict[str, Any]:
+        if not self.done:
+            raise UpstreamError("stream_broken", "the stream ended before [DONE]", False)
+        message = {"content": "".join(self.parts)}
+        return {"choices": [{"message": message, "finish_reason": self.finish_reason}], **self.tail}
+
+
 def parse_completion(spec: ModelSpec, body: dict[str, Any]) -> Result:
     """A chat.completion body to a Result; cost from the registry's prices when not given."""
     try:
@@ -44,9 +81,7 @@ def parse_completion(spec: ModelSpec, body: dict[str, Any]) -> Result:
             completion_tokens=int(raw_usage.get("completion_tokens", 0)),
             total_tokens=int(raw_usage.get("total_tokens", 0)),
         )
-        priced = (
-            usage.prompt_tokens * spec.input_per_1k + usage.completion_tokens * spec.output_per_1k
-        ) / 1000.0
+        priced = spec.price(usage.prompt_tokens, usage.completion_tokens)
         cost = body.get("x_cost_usd")
         return Result(
             output=output,
@@ -81,10 +116,16 @@ class OpenAIHTTPBackend:
             )
         return self._session
 
-    async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+    async def complete(
+        self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+    ) -> Result:
         url = f"{(spec.base_url or self.default_base_url).rstrip('/')}/chat/completions"
+        body = request_body(spec, envelope)
+        if on_delta is not None:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         try:
-            async with self._client().post(url, json=request_body(spec, envelope)) as reply:
+            async with self._client().post(url, json=body) as reply:
                 if reply.status != 200:
                     text = (await reply.text())[:500]
                     raise UpstreamError(
@@ -93,12 +134,18 @@ class OpenAIHTTPBackend:
                         retryable=reply.status in RETRYABLE_STATUS,
                         retry_after_s=_retry_after(reply.headers),
                     )
-                body = await reply.json(content_type=None)
+                if on_delta is None:
+                    answer = await reply.json(content_type=None)
+                else:
+                    stream = StreamedCompletion(on_delta)
+                    async for line in reply.content:
+                        await stream.feed(line.decode())
+                    answer = stream.body()
         except ValueError as exc:
             raise UpstreamError("bad_upstream_body", f"{spec.name}: {exc!r}", False) from exc
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise UpstreamError("connection", f"{spec.name}: {exc!r}", retryable=True) from exc
-        return parse_completion(spec, body)
+        return parse_completion(spec, answer)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -1,106 +1,230 @@
-"""BatchWindows: close when full, close when due, per-model windows, bounded queue."""
+"""AdaptiveBatcher: size and wait follow the load, priority order, deadlines, bounds."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from agents.batch import BatchWindows, QueueFull
+from agents.batch import (
+    AdaptiveBatcher,
+    ArrivalRate,
+    BatchScheduler,
+    DeadlineUnreachable,
+    LatencyFit,
+    ModelLimits,
+    QueueFull,
+)
+from schemas.messages import Priority
+from topology.settings import BatchSettings, ModelSpec
+
+NORMAL = Priority.NORMAL
 
 
-def windows(
-    max_size: int = 3, max_wait_s: float = 0.01, max_queued: int = 100
-) -> BatchWindows[str]:
-    return BatchWindows(max_size=max_size, max_wait_s=max_wait_s, max_queued=max_queued)
+def batcher(slots: int = 1, max_size: int = 16, **settings: float) -> AdaptiveBatcher[str]:
+    values = {"min_size": 4, "max_size": 16, "min_wait_ms": 50, "max_wait_ms": 200, **settings}
+    return AdaptiveBatcher(BatchSettings(**values), lambda _m: ModelLimits(slots, max_size))
 
 
-def test_closes_when_full_and_returns_the_items() -> None:
-    w = windows(max_size=3)
-    assert w.add("m", "a", now=0.0) is None
-    assert w.add("m", "b", now=0.001) is None
-    assert w.add("m", "c", now=0.002) == ["a", "b", "c"]
-    assert w.windows == {}
-    assert w.queued == 0
-    assert w.next_due() is None
+def teach(b: AdaptiveBatcher[str], model: str, a: float, c: float) -> None:
+    """Give the model's latency fit measurements of t = a + c·size."""
+    queue = b._queue(model)
+    for size in (1, 4, 8, 16, 2, 12):
+        queue.fit.record(size, a + c * size)
 
 
-def test_max_size_one_closes_at_once() -> None:
-    w = windows(max_size=1)
-    assert w.add("m", "a", now=0.0) == ["a"]
-    assert w.queued == 0
+def test_latency_fit_recovers_the_line() -> None:
+    fit = LatencyFit()
+    assert fit.coefficients() == (0.0, 0.0)
+    for size in (1, 2, 4, 8, 16, 3):
+        fit.record(size, 0.010 + 0.002 * size)
+    a, c = fit.coefficients()
+    assert a == pytest.approx(0.010, abs=1e-9)
+    assert c == pytest.approx(0.002, abs=1e-9)
+    assert fit.predict(10) == pytest.approx(0.030)
 
 
-def test_due_after_max_wait() -> None:
-    w = windows(max_wait_s=0.25)
-    w.add("m", "a", now=1.0)
-    w.add("m", "b", now=1.125)
-    assert w.due(now=1.2) == []
-    assert w.queued == 2
-    assert w.due(now=1.25) == [("m", ["a", "b"])]
-    assert w.queued == 0
-    assert w.due(now=5.0) == []
+def test_latency_fit_with_one_size_seen_charges_it_all_per_batch() -> None:
+    fit = LatencyFit()
+    fit.record(8, 0.04)
+    fit.record(8, 0.06)
+    a, c = fit.coefficients()
+    assert c == 0.0
+    assert a == pytest.approx(0.05, rel=0.05)
 
 
-def test_models_get_separate_windows() -> None:
-    w = windows(max_size=2, max_wait_s=0.25)
-    assert w.add("small", "s1", now=0.0) is None
-    assert w.add("large", "l1", now=0.5) is None
-    assert w.queued == 2
-    assert w.add("small", "s2", now=0.625) == ["s1", "s2"]
-    assert list(w.windows) == ["large"]
-    assert w.due(now=0.7) == []
-    assert w.due(now=0.75) == [("large", ["l1"])]
+def test_arrival_rate_tracks_steady_arrivals() -> None:
+    rate = ArrivalRate(tau_s=1.0)
+    for i in range(1000):
+        rate.arrive(i * 0.01)
+    assert rate.per_second(9.99) == pytest.approx(100.0, rel=0.02)
+    assert rate.per_second(19.99) < 0.01
 
 
-def test_due_returns_only_expired_windows() -> None:
-    w = windows(max_wait_s=0.25)
-    w.add("a", "1", now=0.0)
-    w.add("b", "2", now=0.125)
-    assert w.due(now=0.25) == [("a", ["1"])]
-    assert list(w.windows) == ["b"]
+def test_light_load_goes_at_once_without_waiting() -> None:
+    b = batcher()
+    teach(b, "m", a=0.010, c=0.001)
+    b.add("m", "a", NORMAL, None, now=0.0)
+    assert b.take_ready(now=0.0) == [("m", ["a"])]
 
 
-def test_next_due_is_the_earliest_window_deadline() -> None:
-    w = windows(max_wait_s=0.5)
-    assert w.next_due() is None
-    w.add("late", "x", now=2.0)
-    w.add("early", "y", now=1.0)
-    assert w.next_due() == pytest.approx(1.5)
-    w.due(now=1.6)
-    assert w.next_due() == pytest.approx(2.5)
+def test_heavy_load_waits_to_fill_the_target_then_closes_full() -> None:
+    b = batcher()
+    now = 0.0
+    for i in range(3000):  # 1,000 req/s for 3 s; each batch takes 5 ms + 0.2 ms a request
+        now = i * 0.001
+        b.add("m", f"w{i}", NORMAL, None, now)
+        for model, items in b.take_ready(now):
+            b.done(model, len(items), 0.005 + 0.0002 * len(items))
+    target = b.target_size("m", now)
+    rate = b.queues["m"].rate.per_second(now)
+    assert 4 <= target < 16
+    assert target >= rate * b.queues["m"].fit.predict(target)  # batches keep up
+    queued = len(b.queues["m"])
+    assert 0 < queued < target
+    assert b.take_ready(now) == []
+    for j in range(target - queued):
+        b.add("m", f"x{j}", NORMAL, None, now + 0.0001 * (j + 1))
+    ((_, items),) = b.take_ready(now + 0.0001 * target)
+    assert len(items) == target
 
 
-def test_a_new_window_opens_after_one_closes() -> None:
-    w = windows(max_size=2, max_wait_s=1.0)
-    w.add("m", "a", now=0.0)
-    w.add("m", "b", now=0.1)
-    w.add("m", "c", now=5.0)
-    assert w.next_due() == pytest.approx(6.0)
+def test_target_size_stays_within_its_bounds() -> None:
+    b = batcher()
+    teach(b, "m", a=0.5, c=0.1)  # λ·c ≥ 1 at 10 req/s: the largest batch
+    for i in range(50):
+        b.queues["m"].rate.arrive(i * 0.01)
+    assert b.target_size("m", 0.5) == 16
+    busy = batcher()
+    teach(busy, "m", a=0.010, c=0.0)
+    for i in range(200):  # 200 req/s: needs batches of 2 with headroom, raised to 4
+        busy.queues["m"].rate.arrive(i * 0.005)
+    assert busy.target_size("m", 1.0) == 4
+    idle = batcher()
+    teach(idle, "m", a=0.001, c=0.0)
+    assert idle.target_size("m", 0.0) == 1
 
 
-def test_queue_full_at_max_queued_across_models() -> None:
-    w = windows(max_size=10, max_queued=3)
-    w.add("a", "1", now=0.0)
-    w.add("b", "2", now=0.0)
-    w.add("a", "3", now=0.0)
+def test_wait_stays_within_its_bounds() -> None:
+    b = batcher()
+    assert b.wait_s("m", 0.0) == pytest.approx(0.2)
+    b._queue("m")
+    for i in range(5000):
+        b.queues["m"].rate.arrive(i * 0.0002)
+    assert b.wait_s("m", 1.0) == pytest.approx(0.05)
+
+
+def test_a_waiting_batch_closes_when_its_wait_runs_out() -> None:
+    b = batcher()
+    teach(b, "m", a=0.020, c=0.001)
+    for i in range(100):
+        b.queues["m"].rate.arrive(i * 0.001)
+    b.add("m", "a", NORMAL, None, now=0.1)
+    assert b.take_ready(now=0.1) == []
+    wake = b.next_wakeup(now=0.1)
+    assert wake is not None and 0.1 < wake <= 0.1 + 0.2
+    assert b.take_ready(now=0.1 + 0.2) == [("m", ["a"])]
+
+
+def test_high_priority_goes_before_normal_before_low() -> None:
+    b = batcher(max_size=3)
+    b.queues["m"] = b._queue("m")
+    b.queues["m"].batches_running = 1  # executor busy while they queue
+    b.add("m", "low", Priority.LOW, None, 0.0)
+    b.add("m", "normal", NORMAL, None, 0.0)
+    b.add("m", "high-1", Priority.HIGH, None, 0.0)
+    b.add("m", "high-2", Priority.HIGH, None, 0.0)
+    b.done("m", 0, 0.01)
+    assert b.take_ready(1.0) == [("m", ["high-1", "high-2", "normal"])]
+    b.done("m", 3, 0.01)
+    assert b.take_ready(2.0) == [("m", ["low"])]
+
+
+def test_an_unreachable_deadline_is_refused_at_once() -> None:
+    b = batcher()
+    teach(b, "m", a=0.100, c=0.0)
+    with pytest.raises(DeadlineUnreachable, match="100 ms"):
+        b.add("m", "late", NORMAL, deadline=0.05, now=0.0)
+    b.add("m", "fine", NORMAL, deadline=0.5, now=0.0)
+
+
+def test_requests_whose_deadline_would_pass_while_queued_expire() -> None:
+    b = batcher(slots=1)
+    teach(b, "m", a=0.100, c=0.0)
+    b.queues["m"].batches_running = 1
+    b.add("m", "soon", NORMAL, deadline=0.25, now=0.0)
+    b.add("m", "later", NORMAL, deadline=5.0, now=0.0)
+    assert b.expire(now=0.1) == []
+    assert b.expire(now=0.2) == ["soon"]
+    assert [e.item for e in b.queues["m"].entries()] == ["later"]
+
+
+def test_queue_is_bounded_counting_running_batches() -> None:
+    b = batcher(max_queued=3)
+    b.add("m", "a", NORMAL, None, 0.0)
+    assert b.take_ready(0.0) == [("m", ["a"])]
+    b.add("m", "b", NORMAL, None, 0.0)
+    b.add("other", "c", NORMAL, None, 0.0)
     with pytest.raises(QueueFull):
-        w.add("c", "4", now=0.0)
-    assert w.queued == 3
-    assert "c" not in w.windows
-    w.due(now=1.0)
-    assert w.add("c", "4", now=1.0) is None
-    assert w.queued == 1
+        b.add("m", "d", NORMAL, None, 0.0)
+    b.done("m", 1, 0.01)
+    b.add("m", "d", NORMAL, None, 0.0)
 
 
-def test_dispatched_requests_count_against_the_bound_until_they_finish() -> None:
-    w = windows(max_size=2, max_queued=3)
-    batch = w.add("m", "a", now=0.0)
-    assert batch is None
-    batch = w.add("m", "b", now=0.0)
-    assert batch == ["a", "b"]
-    w.in_flight += len(batch)
-    w.add("m", "c", now=0.0)
-    with pytest.raises(QueueFull):
-        w.add("m", "d", now=0.0)
-    w.in_flight -= 2
-    assert w.queued == 1
-    w.add("m", "d", now=0.0)
+def test_no_batch_goes_while_every_slot_is_busy() -> None:
+    b = batcher(slots=1)
+    b.add("m", "a", NORMAL, None, 0.0)
+    assert b.take_ready(0.0) == [("m", ["a"])]
+    b.add("m", "b", NORMAL, None, 0.0)
+    b.add("m", "c", NORMAL, None, 0.0)
+    assert b.take_ready(1.0) == []
+    b.done("m", 1, 0.02)
+    assert b.take_ready(1.0) == [("m", ["b", "c"])]
+
+
+def test_http_models_are_sent_one_request_per_batch() -> None:
+    remote = ModelSpec(name="gpt", backend="openai")
+    local = ModelSpec(name="zoo", backend="onnx", path="x")
+    assert remote.batch_limit(16) == 1
+    assert local.batch_limit(16) == 16
+    assert ModelSpec(name="big", max_batch_size=8).batch_limit(16) == 8
+    b = batcher(slots=10, max_size=1)
+    for name in "abc":
+        b.add("gpt", name, NORMAL, None, 0.0)
+    assert b.take_ready(0.0) == [("gpt", ["a"]), ("gpt", ["b"]), ("gpt", ["c"])]
+
+
+async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
+    b = batcher(slots=1)
+    ran: list[list[str]] = []
+    expired: list[str] = []
+
+    async def execute(_model: str, items: list[str]) -> None:
+        ran.append(items)
+        await asyncio.sleep(0.02)
+
+    async def on_expired(item: str) -> None:
+        expired.append(item)
+
+    scheduler = BatchScheduler(b, execute, on_expired)
+    loop_task = asyncio.create_task(scheduler.run())
+    try:
+        scheduler.submit("m", "r0", NORMAL, None)
+        await asyncio.sleep(0.005)
+        for i in range(1, 20):
+            scheduler.submit("m", f"r{i}", NORMAL, None)
+        now = scheduler.now()
+        scheduler.submit("m", "hopeless", NORMAL, now + 0.03)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if sum(map(len, ran)) + len(expired) == 21:
+                break
+        await scheduler.drain()
+    finally:
+        loop_task.cancel()
+    assert sorted(x for batch in ran for x in batch) == sorted(f"r{i}" for i in range(20))
+    assert expired == ["hopeless"]
+    assert ran[0] == ["r0"]  # the first goes alone: nothing else had arrived
+    assert max(map(len, ran)) > 1  # the rest queued behind it and went together
+    assert b.queues["m"].fit.predict(1) == pytest.approx(0.02, abs=0.015)
+    assert b.queued == 0

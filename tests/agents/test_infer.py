@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agents.infer import InferenceRunner, UpstreamError, backoff_delay
+from agents.infer import Delta, InferenceRunner, UpstreamError, backoff_delay
 from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
 from topology.settings import InferSettings, ModelSpec, Settings
 
@@ -24,7 +24,9 @@ class FakeBackend:
         self.delay_s = delay_s
         self.calls: list[tuple[str, str]] = []
 
-    async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+    async def complete(
+        self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+    ) -> Result:
         self.calls.append((spec.name, envelope.request.id))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -170,10 +172,12 @@ async def test_past_deadline_times_out_without_an_answer() -> None:
 
 async def test_one_slow_request_does_not_fail_the_batch() -> None:
     class Mixed(FakeBackend):
-        async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+        async def complete(
+            self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+        ) -> Result:
             if envelope.request.id == "slow":
                 await asyncio.sleep(5.0)
-            return await super().complete(spec, envelope)
+            return await super().complete(spec, envelope, on_delta)
 
     batch = [envelope("slow", deadline=time.time() + 0.05), envelope("fast")]
     out = await InferenceRunner(settings(), Mixed(answer)).run(batch)
@@ -195,10 +199,12 @@ async def test_unknown_model_fails_invalid_without_a_call() -> None:
 
 async def test_waiting_for_a_slot_counts_against_the_deadline() -> None:
     class SlowForA(FakeBackend):
-        async def complete(self, spec: ModelSpec, envelope: Envelope) -> Result:
+        async def complete(
+            self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+        ) -> Result:
             if envelope.request.id == "a":
                 await asyncio.sleep(0.3)
-            return await super().complete(spec, envelope)
+            return await super().complete(spec, envelope, on_delta)
 
     runner = InferenceRunner(settings(max_concurrency=1), SlowForA(answer))
     batch = [envelope("a"), envelope("b", deadline=time.time() + 0.05)]

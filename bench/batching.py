@@ -1,0 +1,225 @@
+"""`llmflow bench batching`: does the batch stage's batcher get what batching can give?
+
+For the embedding model and a zoo decoder it measures, on one executor:
+- offline throughput at each fixed batch size (the best is what batching can give),
+- the batch stage's AdaptiveBatcher at saturation (arrivals at twice the best rate),
+- light-load p50 latency (Poisson arrivals at a tenth of one-at-a-time capacity), each
+  request run alone as it comes versus through the batcher,
+and reports `saturation_vs_offline` (target ≥ 0.95) and `lightload_vs_unbatched`
+(target ≤ 1.1). The batcher runs through `BatchScheduler`, the code the batch stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from agents.batch import AdaptiveBatcher, BatchScheduler, ModelLimits
+from inference.decoder import DecoderModel, SamplingParams
+from inference.encoder import Encoder
+from inference.runtime import Device, pick_providers
+from llmflow.prompts import load_prompts
+from models.tasks import make_items
+from schemas.messages import Priority
+from topology.settings import BatchSettings, Settings, load_settings
+
+DECODER = "zoo-large"
+DECODER_MAX_TOKENS = 12
+
+
+@dataclass
+class Workload:
+    """A model as an executor: `run` processes one batch of items, synchronously."""
+
+    name: str
+    items: list[Any]
+    run: Callable[[list[Any]], object]
+    sizes: list[int]
+
+
+def embedding_workload(settings: Settings, device: Device) -> Workload:
+    encoder = Encoder(Path(settings.embedding.path), device, settings.engine.intra_op_threads, 64)
+    texts = load_prompts(512, max_chars=1000)
+    return Workload("embedding", texts, encoder.embed, [1, 2, 4, 8, 16, 32, 64])
+
+
+def decoder_workload(settings: Settings, device: Device) -> Workload:
+    spec = settings.model(DECODER)
+    if spec is None or spec.path is None:
+        raise SystemExit(f"the model registry has no local model {DECODER}")
+    model = DecoderModel(Path(spec.path), device, settings.engine.intra_op_threads)
+    prompts = [
+        item.prompt
+        for task in ("add", "reverse", "sort")
+        for item in make_items(task, "hard", 64, seed=7, split="heldout")
+    ]
+    random.Random(0).shuffle(prompts)
+    params = SamplingParams(max_tokens=DECODER_MAX_TOKENS)
+
+    def run(batch: list[str]) -> object:
+        return model.generate(batch, [params] * len(batch))
+
+    return Workload("decoder", prompts, run, [1, 2, 4, 8, 16, 32])
+
+
+def offline_throughput(workload: Workload, seconds_per_size: float) -> dict[int, float]:
+    """Items per second with batches of each fixed size, the items cycled."""
+    rates = {}
+    for size in tqdm(workload.sizes, desc=f"{workload.name} offline", unit="size"):
+        done, started, start = 0, time.perf_counter(), 0
+        while time.perf_counter() - started < seconds_per_size or done == 0:
+            batch = [workload.items[(start + i) % len(workload.items)] for i in range(size)]
+            workload.run(batch)
+            done += size
+            start += size
+        rates[size] = done / (time.perf_counter() - started)
+    return rates
+
+
+def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    at, times = 0.0, []
+    for _ in range(count):
+        at += rng.expovariate(rate)
+        times.append(at)
+    return times
+
+
+async def _replay(arrivals: list[float], submit: Callable[[int, float], None]) -> float:
+    """Call `submit(index, arrival_time)` at each arrival, on the loop's clock."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index, offset in enumerate(tqdm(arrivals, leave=False, unit="req")):
+        delay = start + offset - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        submit(index, loop.time())
+    return start
+
+
+async def unbatched_latencies(workload: Workload, arrivals: list[float]) -> list[float]:
+    """Each request run alone as it arrives, one at a time, first come first served."""
+    queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def serve() -> None:
+        while len(latencies) < len(arrivals):
+            index, arrived = await queue.get()
+            await asyncio.to_thread(workload.run, [workload.items[index % len(workload.items)]])
+            latencies.append(loop.time() - arrived)
+
+    server = asyncio.create_task(serve())
+    await _replay(arrivals, lambda i, at: queue.put_nowait((i, at)))
+    await server
+    return latencies
+
+
+async def batched_latencies(
+    workload: Workload, arrivals: list[float], max_size: int, settings: BatchSettings
+) -> tuple[list[float], float]:
+    """Latencies through the batch stage's scheduler on one executor, and items per second."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    finished = asyncio.Event()
+
+    async def execute(_model: str, batch: list[tuple[int, float]]) -> None:
+        inputs = [workload.items[i % len(workload.items)] for i, _ in batch]
+        await asyncio.to_thread(workload.run, inputs)
+        now = loop.time()
+        latencies.extend(now - arrived for _, arrived in batch)
+        if len(latencies) == len(arrivals):
+            finished.set()
+
+    async def never_expires(_item: tuple[int, float]) -> None:
+        raise AssertionError("no deadlines are set in this benchmark")
+
+    bounds = settings.model_copy(update={"max_size": max_size, "max_queued": len(arrivals)})
+    batcher: AdaptiveBatcher[tuple[int, float]] = AdaptiveBatcher(
+        bounds, lambda _m: ModelLimits(slots=1, max_size=max_size)
+    )
+    scheduler = BatchScheduler(batcher, execute, never_expires)
+    runner = asyncio.create_task(scheduler.run())
+    start = await _replay(
+        arrivals, lambda i, at: scheduler.submit(workload.name, (i, at), Priority.NORMAL, None)
+    )
+    await finished.wait()
+    elapsed = loop.time() - start
+    runner.cancel()
+    return latencies, len(arrivals) / elapsed
+
+
+def p50_ms(latencies: list[float]) -> float:
+    return round(statistics.median(latencies) * 1000.0, 3)
+
+
+async def measure(
+    workload: Workload, settings: BatchSettings, seconds_per_size: float, light_count: int
+) -> dict[str, Any]:
+    offline = offline_throughput(workload, seconds_per_size)
+    best_size = max(offline, key=lambda size: offline[size])
+    best = offline[best_size]
+    saturated = poisson_arrivals(2.0 * best, int(best * 4 * seconds_per_size) + 4 * best_size, 1)
+    print(f"{workload.name}: saturation, {len(saturated)} requests at {2 * best:.0f}/s")
+    _, saturation_rate = await batched_latencies(workload, saturated, best_size, settings)
+    light_rate = 0.1 * offline[1]
+    light = poisson_arrivals(light_rate, light_count, 2)
+    print(f"{workload.name}: light load, {light_count} requests at {light_rate:.1f}/s, twice")
+    alone = await unbatched_latencies(workload, light)
+    batched, _ = await batched_latencies(workload, light, best_size, settings)
+    report = {
+        "offline_items_per_s": {str(k): round(v, 2) for k, v in offline.items()},
+        "best_batch_size": best_size,
+        "offline_best_items_per_s": round(best, 2),
+        "saturation_items_per_s": round(saturation_rate, 2),
+        "saturation_vs_offline": round(saturation_rate / best, 3),
+        "lightload_rate_per_s": round(light_rate, 2),
+        "lightload_p50_ms_unbatched": p50_ms(alone),
+        "lightload_p50_ms_batched": p50_ms(batched),
+        "lightload_vs_unbatched": round(p50_ms(batched) / p50_ms(alone), 3),
+    }
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    device: Device = args.device
+    report: dict[str, Any] = {
+        "device": device,
+        "providers": pick_providers(device),
+        "batch_bounds": settings.batch.model_dump(),
+        "seconds_per_size": args.seconds,
+    }
+    for make in (embedding_workload, decoder_workload):
+        workload = make(settings, device)
+        report[workload.name] = asyncio.run(
+            measure(workload, settings.batch, args.seconds, args.light_requests)
+        )
+        numbers = report[workload.name]
+        print(
+            f"{workload.name}: offline best {numbers['offline_best_items_per_s']}/s at "
+            f"batch {numbers['best_batch_size']}; saturation_vs_offline "
+            f"{numbers['saturation_vs_offline']}; lightload_vs_unbatched "
+            f"{numbers['lightload_vs_unbatched']} (p50 {numbers['lightload_p50_ms_batched']} "
+            f"vs {numbers['lightload_p50_ms_unbatched']} ms)"
+        )
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", required=True, help="where to write the report")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per offline batch size")
+    parser.add_argument("--light-requests", type=int, default=150)

@@ -1,0 +1,86 @@
+"""Local decoder models in ONNX Runtime, behind the same backend interface as remote ones.
+
+Each model folder (an Optimum-style export: model.onnx, config.json, tokenizer.json) gets
+one session and one continuous batcher per worker, loaded at first use; requests of any
+batch join the running decode loop at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agents.infer import Delta, UpstreamError
+from inference.decoder import ContinuousBatcher, DecoderModel, SamplingParams
+from inference.runtime import ModelLoadError
+from schemas.messages import Envelope, Result, Role, Usage
+from topology.settings import EngineSettings, ModelSpec
+
+
+def prompt_of(envelope: Envelope) -> str:
+    """The last user turn: the zoo's models are trained on single-turn task prompts."""
+    users = [m.content for m in envelope.request.messages if m.role is Role.USER]
+    return users[-1] if users else envelope.request.messages[-1].content
+
+
+def sampling_params(envelope: Envelope) -> SamplingParams:
+    params = envelope.request.params
+    return SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+        stop=list(params.stop),
+    )
+
+
+def price(spec: ModelSpec, usage: Usage) -> float:
+    return (
+        usage.prompt_tokens * spec.input_per_1k + usage.completion_tokens * spec.output_per_1k
+    ) / 1000.0
+
+
+class LocalDecoderBackend:
+    def __init__(self, engine: EngineSettings) -> None:
+        self.engine = engine
+        self.batchers: dict[str, ContinuousBatcher] = {}
+        self._loading = asyncio.Lock()
+
+    async def batcher(self, spec: ModelSpec) -> ContinuousBatcher:
+        """The model's continuous batcher, loading the model on first use."""
+        async with self._loading:
+            if spec.name not in self.batchers:
+                if spec.path is None:
+                    raise ModelLoadError(f"model {spec.name} has backend onnx but no path")
+                model = await asyncio.to_thread(
+                    DecoderModel, Path(spec.path), self.engine.device, self.engine.intra_op_threads
+                )
+                self.batchers[spec.name] = ContinuousBatcher(model, self.engine.max_batch)
+            return self.batchers[spec.name]
+
+    async def complete(
+        self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+    ) -> Result:
+        try:
+            batcher = await self.batcher(spec)
+        except ModelLoadError as exc:
+            raise UpstreamError("model_load", str(exc), retryable=False) from exc
+        generation = await batcher.submit(prompt_of(envelope), sampling_params(envelope), on_delta)
+        completion = len(generation.token_ids)
+        usage = Usage(
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=generation.prompt_tokens + completion,
+        )
+        return Result(
+            output=generation.text,
+            finish_reason=generation.finish_reason,
+            model=spec.name,
+            usage=usage,
+            cost_usd=spec.price(usage.prompt_tokens, usage.completion_tokens),
+        )
+
+    async def close(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.close()
+        self.batchers.clear()
