@@ -32,7 +32,7 @@ from faust import Stream
 from faust.types import EventT, StreamT
 
 from agents.infer import InferenceRunner
-from schemas.messages import Envelope, ErrorCode, Priority
+from schemas.messages import Envelope, ErrorCode, Priority, StreamChunk, dump
 from streams import metrics
 from streams.app import Pipeline
 from streams.drivers.backends import open_backends
@@ -328,7 +328,11 @@ def loop_deadline(envelope: Envelope, loop_now: float) -> float | None:
 def attach(pipeline: Pipeline) -> None:
     settings = pipeline.settings
     backends = open_backends(settings)
-    runner = InferenceRunner(settings, backends)
+
+    async def send_chunk(chunk: StreamChunk) -> None:
+        await pipeline.stream_topic.send(key=chunk.id.encode(), value=dump(chunk))
+
+    runner = InferenceRunner(settings, backends, send_chunk)
 
     def limits(model: str) -> ModelLimits:
         spec = settings.model(model)

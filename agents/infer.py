@@ -90,12 +90,19 @@ class InferenceRunner:
         if spec is None:
             envelope.fail(ErrorCode.INVALID, "unknown_model", f"no model {envelope.model!r}")
             return
-        budget = self.settings.infer.timeout_s
-        if envelope.request.deadline is not None:
-            budget = min(budget, envelope.request.deadline - time.time())
         stream = None
         if envelope.request.stream and self.chunks is not None:
             stream = StreamedChunks(envelope.request.id, self.chunks)
+        await self._answer_from(spec, envelope, stream)
+        if stream is not None and envelope.result is not None:
+            envelope.result.streamed_chunks = stream.sent
+
+    async def _answer_from(
+        self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
+    ) -> None:
+        budget = self.settings.infer.timeout_s
+        if envelope.request.deadline is not None:
+            budget = min(budget, envelope.request.deadline - time.time())
         try:
             result = await asyncio.wait_for(self._call(spec, envelope, stream), budget)
         except TimeoutError:

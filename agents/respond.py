@@ -50,17 +50,35 @@ def build_response(envelope: Envelope, now: float) -> LLMResponse:
     return response
 
 
-def stream_chunks(response: LLMResponse) -> list[StreamChunk]:
-    """The answer as word chunks, ending with a `done` chunk (an error one if it failed)."""
-    words = (response.output or "").split(" ") if response.error is None else []
+def stream_chunks(response: LLMResponse, already_sent: int = 0) -> list[StreamChunk]:
+    """The rest of a streamed answer, ending with a `done` chunk (an error one if it failed).
+
+    When the model streamed its answer as it generated it, only the `done` chunk is left;
+    otherwise (cached, merged, or a model that did not stream) the answer goes as words.
+    """
+    if already_sent or response.error is not None:
+        words = []
+    else:
+        words = (response.output or "").split(" ")
     chunks = [
         StreamChunk(id=response.id, index=i, delta=w if i == 0 else " " + w)
         for i, w in enumerate(words)
     ]
+    done_index = already_sent + len(words)
     chunks.append(
-        StreamChunk(id=response.id, index=len(words), delta="", done=True, error=response.error)
+        StreamChunk(id=response.id, index=done_index, delta="", done=True, error=response.error)
     )
     return chunks
+
+
+def chunks_sent_by_infer(envelope: Envelope) -> int:
+    """Only the request that called the model had its own chunks streamed (a stream broken
+    by an error included); a follower or a cache hit carries a copy of that result, not
+    its chunks."""
+    result = envelope.result
+    if result is None or envelope.merged_with is not None or envelope.status is Status.CACHED:
+        return 0
+    return result.streamed_chunks
 
 
 def attach(pipeline: Pipeline) -> None:
@@ -68,7 +86,7 @@ def attach(pipeline: Pipeline) -> None:
         response = build_response(envelope, time.time())
         key = response.id.encode()
         if envelope.request.stream:
-            for chunk in stream_chunks(response):
+            for chunk in stream_chunks(response, chunks_sent_by_infer(envelope)):
                 await pipeline.stream_topic.send(key=key, value=dump(chunk))
         code = response.error.code.value if response.error else ""
         metrics.responses.labels(response.status.value, code).inc()

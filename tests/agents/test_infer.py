@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from agents.infer import Delta, InferenceRunner, UpstreamError, backoff_delay
-from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
+from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, StreamChunk, Usage
 from topology.settings import InferSettings, ModelSpec, Settings
 
 Behaviour = Callable[[int, Envelope], Result]
@@ -242,3 +242,49 @@ def test_backoff_delay_is_reproducible_with_a_seed() -> None:
     a = [backoff_delay(i, s, random.Random(7)) for i in range(5)]
     b = [backoff_delay(i, s, random.Random(7)) for i in range(5)]
     assert a == b
+
+
+class StreamingBackend(FakeBackend):
+    """Streams its answer word by word, then fails if `fail_after` words were sent."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__(answer)
+        self.fail_after = fail_after
+
+    async def complete(
+        self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+    ) -> Result:
+        self.calls.append((spec.name, envelope.request.id))
+        assert on_delta is not None
+        for index, word in enumerate(["one", " two", " three"]):
+            if index == self.fail_after:
+                raise UpstreamError("connection", "cut mid-stream", retryable=True)
+            await on_delta(word)
+        return answer(len(self.calls), envelope)
+
+
+async def test_a_streamed_answer_goes_out_as_numbered_chunks() -> None:
+    sent: list[StreamChunk] = []
+
+    async def sink(chunk: StreamChunk) -> None:
+        sent.append(chunk)
+
+    runner = InferenceRunner(settings(), StreamingBackend(), sink)
+    (env,) = await runner.run([envelope(stream=True)])
+    assert env.status is Status.OK and env.result is not None
+    assert [(c.index, c.delta) for c in sent] == [(0, "one"), (1, " two"), (2, " three")]
+    assert env.result.streamed_chunks == 3
+
+
+async def test_a_stream_cut_midway_is_not_retried_and_counts_what_was_sent() -> None:
+    sent: list[StreamChunk] = []
+
+    async def sink(chunk: StreamChunk) -> None:
+        sent.append(chunk)
+
+    backend = StreamingBackend(fail_after=2)
+    (env,) = await InferenceRunner(settings(), backend, sink).run([envelope(stream=True)])
+    assert len(backend.calls) == 1
+    assert env.status is Status.ERROR and env.result is not None and env.result.error
+    assert env.result.error.code is ErrorCode.UPSTREAM_ERROR
+    assert env.result.streamed_chunks == 2 == len(sent)

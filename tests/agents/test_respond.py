@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agents.respond import build_response, stream_chunks
+from agents.respond import build_response, chunks_sent_by_infer, stream_chunks
 from schemas.messages import (
     Envelope,
     ErrorCode,
@@ -142,3 +142,27 @@ def test_stream_chunks_of_an_error_is_one_done_chunk_with_the_error() -> None:
     assert chunks[0].done is True
     assert chunks[0].index == 0
     assert chunks[0].error == error
+
+
+def test_after_a_streamed_answer_only_the_done_chunk_is_left() -> None:
+    chunks = stream_chunks(LLMResponse(id="r1", status=Status.OK, output="a b c"), 5)
+    assert [(c.index, c.delta, c.done) for c in chunks] == [(5, "", True)]
+
+
+def test_a_stream_broken_by_an_error_ends_with_an_error_chunk_after_its_last() -> None:
+    error = ErrorInfo(code=ErrorCode.UPSTREAM_ERROR, reason="stream_broken", message="cut")
+    broken = envelope(Status.ERROR, Result(error=error, streamed_chunks=3))
+    assert chunks_sent_by_infer(broken) == 3
+    (last,) = stream_chunks(build_response(broken, now=101.0), chunks_sent_by_infer(broken))
+    assert last.index == 3 and last.done and last.error == error
+
+
+def test_followers_and_cache_hits_stream_their_own_chunks() -> None:
+    streamed = result()
+    streamed.streamed_chunks = 4
+    leader = envelope(Status.OK, streamed)
+    assert chunks_sent_by_infer(leader) == 4
+    follower = envelope(Status.MERGED, streamed.model_copy())
+    follower.merged_with = "leader-id"
+    assert chunks_sent_by_infer(follower) == 0
+    assert chunks_sent_by_infer(envelope(Status.CACHED, streamed.model_copy())) == 0

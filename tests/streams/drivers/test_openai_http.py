@@ -1,14 +1,21 @@
-"""OpenAI-compatible body mapping: request_body and parse_completion."""
+"""OpenAI-compatible backend: body mapping, and streaming against the simulated provider."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from agents.infer import UpstreamError
+from provider.simulated import SimulatedProviderConfig, start_server
 from schemas.messages import Envelope, LLMRequest
-from streams.drivers.openai_http import parse_completion, request_body
+from streams.drivers.openai_http import (
+    OpenAIHTTPBackend,
+    StreamedCompletion,
+    parse_completion,
+    request_body,
+)
 from topology.settings import ModelSpec
 
 SPEC = ModelSpec(name="sim-small", input_per_1k=0.5, output_per_1k=1.5)
@@ -150,3 +157,39 @@ def test_unreadable_body_is_a_non_retryable_upstream_error(body: Any) -> None:
 def test_wrongly_typed_body_is_an_upstream_error(body: Any) -> None:
     with pytest.raises(UpstreamError):
         parse_completion(SPEC, body)
+
+
+async def test_streamed_completion_passes_deltas_on_and_equals_the_unstreamed_one() -> None:
+    config = SimulatedProviderConfig.model_validate({"latency_ms": 0.0, "latency_jitter_ms": 0.0})
+    runner, port = await start_server(config)
+    backend = OpenAIHTTPBackend(f"http://127.0.0.1:{port}/v1", "sim", 4)
+    deltas: list[str] = []
+
+    async def collect(delta: str) -> None:
+        deltas.append(delta)
+
+    try:
+        plain = await backend.complete(SPEC, envelope())
+        streamed = await backend.complete(SPEC, envelope(), collect)
+    finally:
+        await backend.close()
+        await runner.cleanup()
+    assert len(deltas) > 1
+    assert "".join(deltas) == streamed.output == plain.output
+    assert streamed.usage == plain.usage and streamed.usage.completion_tokens > 0
+    assert streamed.finish_reason == plain.finish_reason
+    assert streamed.cost_usd == pytest.approx(plain.cost_usd)
+
+
+async def test_a_stream_cut_before_done_is_an_upstream_error() -> None:
+    deltas: list[str] = []
+
+    async def collect(delta: str) -> None:
+        deltas.append(delta)
+
+    stream = StreamedCompletion(collect)
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+    await stream.feed(f"data: {json.dumps(chunk)}\n")
+    assert deltas == ["Hel"]
+    with pytest.raises(UpstreamError, match="before \\[DONE\\]"):
+        stream.body()
