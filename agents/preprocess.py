@@ -6,17 +6,32 @@ with its raw bytes, so bad input never stops the worker and is never lost.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import re
 import unicodedata
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
+from faust import Stream
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
-from schemas.messages import Envelope, ErrorCode, ErrorInfo, LLMRequest, LLMResponse, Status, dump
+from inference.encoder import Encoder
+from models.embedding import ensure_embedding_model
+from schemas.messages import (
+    Envelope,
+    ErrorCode,
+    ErrorInfo,
+    LLMRequest,
+    LLMResponse,
+    Role,
+    Status,
+    dump,
+    encode_embedding,
+)
 from streams import metrics
 from streams.app import Pipeline, raw_bytes
 from topology.settings import Settings
@@ -27,6 +42,9 @@ TOKEN_PATTERN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 WHITESPACE = re.compile(r"\s+")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+ENCODER = "embedding_encoder"
+# faust's take waits forever for a full batch when `within` is 0, so never pass 0.
+MIN_BATCH_WAIT_S = 0.0005
 
 
 class InvalidRequest(Exception):
@@ -192,6 +210,49 @@ class Preprocessor:
         return InvalidRequest(reason, message, request_id, reply_topic)
 
 
+def last_user_turn(request: LLMRequest) -> str | None:
+    """What the request asks now: the text that near-duplicate requests share."""
+    for message in reversed(request.messages):
+        if message.role is Role.USER:
+            return message.content
+    return None
+
+
+def shared_encoder(pipeline: Pipeline) -> Encoder:
+    """The worker's one embedding model, exported first if this machine lacks it."""
+    settings = pipeline.settings
+
+    def load() -> Encoder:
+        folder = ensure_embedding_model(Path(settings.embedding.path))
+        return Encoder(
+            folder,
+            settings.engine.device,
+            settings.engine.intra_op_threads,
+            settings.embedding.max_batch,
+        )
+
+    return pipeline.shared(ENCODER, load)
+
+
+async def embed_last_user_turns(encoder: Encoder, envelopes: list[Envelope]) -> None:
+    """Set `embedding` on each envelope that has a user turn, one model run per batch.
+
+    A failure leaves the envelopes without an embedding: later stages then fall back to
+    exact matching, which is better than losing or delaying the requests.
+    """
+    asking = [(e, text) for e in envelopes if (text := last_user_turn(e.request)) is not None]
+    if not asking:
+        return
+    try:
+        vectors = await asyncio.to_thread(encoder.embed, [text for _, text in asking])
+    except Exception:
+        log.exception("embedding failed for a batch of %d requests", len(asking))
+        metrics.stage_events.labels(STAGE, "embedding_failed").inc(len(asking))
+        return
+    for (envelope, _), vector in zip(asking, vectors, strict=True):
+        envelope.embedding = encode_embedding(vector)
+
+
 def error_response(error: InvalidRequest) -> LLMResponse:
     assert error.request_id is not None
     return LLMResponse(
@@ -214,26 +275,43 @@ def attach(pipeline: Pipeline) -> None:
             )
         await pipeline.dead_letter(event, error.reason, error.message, error.request_id)
 
+    async def reject_crash(event: EventT[bytes], exc: Exception) -> None:
+        log.exception("preprocess failed on offset %s", event.message.offset)
+        request_id, reply_topic = _best_effort_identity(raw_bytes(event))
+        failure = f"preprocess failed on this message: {exc!r}"
+        await reject(
+            event,
+            InvalidRequest("internal_error", failure, request_id, reply_topic, ErrorCode.INTERNAL),
+        )
+
+    async def forward(event: EventT[bytes], envelope: Envelope) -> None:
+        try:
+            pipeline.mark(envelope, STAGE)
+            if await pipeline.finish_if_expired(envelope, STAGE):
+                return
+            metrics.stage_events.labels(STAGE, "accepted").inc()
+            await pipeline.send("ratelimit", envelope)
+        except Exception as exc:
+            await reject_crash(event, exc)
+
+    encoder = shared_encoder(pipeline) if pipeline.settings.embedding.enabled else None
+    batch_size = pipeline.settings.embedding.max_batch
+    batch_wait_s = max(pipeline.settings.embedding.max_wait_ms / 1000, MIN_BATCH_WAIT_S)
+
     @pipeline.app.agent(pipeline.requests_topic, name=STAGE)
     async def preprocess(stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            raw = raw_bytes(event)
-            try:
-                envelope = preprocessor.parse(raw)
-                pipeline.mark(envelope, STAGE)
-                if await pipeline.finish_if_expired(envelope, STAGE):
-                    continue
-                metrics.stage_events.labels(STAGE, "accepted").inc()
-                await pipeline.send("ratelimit", envelope)
-            except InvalidRequest as error:
-                await reject(event, error)
-            except Exception as exc:
-                log.exception("preprocess failed on offset %s", event.message.offset)
-                request_id, reply_topic = _best_effort_identity(raw)
-                failure = f"preprocess failed on this message: {exc!r}"
-                await reject(
-                    event,
-                    InvalidRequest(
-                        "internal_error", failure, request_id, reply_topic, ErrorCode.INTERNAL
-                    ),
-                )
+        """Parse a batch, embed its valid requests in one model run, then pass each on."""
+        batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_wait_s)
+        async for events in batches:
+            accepted: list[tuple[EventT[bytes], Envelope]] = []
+            for event in events:
+                try:
+                    accepted.append((event, preprocessor.parse(raw_bytes(event))))
+                except InvalidRequest as error:
+                    await reject(event, error)
+                except Exception as exc:
+                    await reject_crash(event, exc)
+            if encoder is not None:
+                await embed_last_user_turns(encoder, [envelope for _, envelope in accepted])
+            for event, envelope in accepted:
+                await forward(event, envelope)

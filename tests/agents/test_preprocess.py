@@ -6,18 +6,26 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.preprocess import (
+    STAGE,
     InvalidRequest,
     Preprocessor,
     count_tokens,
+    embed_last_user_turns,
     error_response,
+    last_user_turn,
     normalise,
+    shared_encoder,
 )
-from schemas.messages import ErrorCode, Status
+from inference.encoder import Encoder
+from schemas.messages import Envelope, ErrorCode, Status, decode_embedding
+from streams import metrics
+from streams.app import Pipeline
 from topology.settings import Settings
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -353,3 +361,65 @@ def test_reply_topic_may_not_be_one_of_the_pipelines_own(pre: Preprocessor) -> N
         error = reject(pre, raw(request(reply_topic=topic)))
         assert error.reason == "schema" and "pipeline's own" in error.message
     assert pre.parse(raw(request(reply_topic="llm.responses"))).request.reply_topic
+
+
+def test_the_last_user_turn_is_what_gets_embedded(pre: Preprocessor) -> None:
+    turns = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is Kafka?"},
+        {"role": "assistant", "content": "A log."},
+        {"role": "user", "content": "And Flink?"},
+        {"role": "assistant", "content": "A stream processor."},
+    ]
+    assert last_user_turn(pre.parse(raw(request(messages=turns))).request) == "And Flink?"
+    system_only = request(messages=[{"role": "system", "content": "You are terse."}])
+    assert last_user_turn(pre.parse(raw(system_only)).request) is None
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    """Loaded the way a worker loads it: exported on first use, one per pipeline."""
+    pipeline = Pipeline(Settings())
+    loaded = shared_encoder(pipeline)
+    assert shared_encoder(pipeline) is loaded
+    return loaded
+
+
+def envelopes(pre: Preprocessor) -> list[Envelope]:
+    return [
+        pre.parse(raw(request(id="a", messages=[{"role": "user", "content": "What is Kafka?"}]))),
+        pre.parse(raw(request(id="b", messages=[{"role": "system", "content": "Be terse."}]))),
+        pre.parse(raw(request(id="c"))),
+    ]
+
+
+async def test_a_batch_gets_the_embeddings_of_its_last_user_turns(
+    pre: Preprocessor, encoder: Encoder
+) -> None:
+    batch = envelopes(pre)
+    await embed_last_user_turns(encoder, batch)
+    asking, system_only, french = batch
+    assert system_only.embedding is None
+    for envelope in (asking, french):
+        assert envelope.embedding is not None
+        text = last_user_turn(envelope.request)
+        assert text is not None
+        expected = encoder.embed([text])[0]
+        assert np.abs(decode_embedding(envelope.embedding) - expected).max() < 1e-3
+
+
+class BrokenEncoder:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        raise RuntimeError("the ONNX session failed")
+
+
+async def test_an_embedding_failure_lets_the_requests_go_on_without_one(
+    pre: Preprocessor,
+) -> None:
+    failures = metrics.stage_events.labels(STAGE, "embedding_failed")
+    before = failures._value.get()
+    batch = envelopes(pre)
+    await embed_last_user_turns(BrokenEncoder(), batch)  # type: ignore[arg-type]
+    assert [e.request.id for e in batch] == ["a", "b", "c"]
+    assert all(e.embedding is None for e in batch)
+    assert failures._value.get() == before + 2

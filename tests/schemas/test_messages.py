@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -17,7 +18,9 @@ from schemas.messages import (
     LLMResponse,
     Status,
     StreamChunk,
+    decode_embedding,
     dump,
+    encode_embedding,
     wire_models,
 )
 
@@ -137,3 +140,24 @@ def test_envelope_expired() -> None:
     env = Envelope(request=request(deadline=200.0))
     assert not env.expired(now=199.9)
     assert env.expired(now=200.0)
+
+
+def test_embedding_round_trips_at_half_precision() -> None:
+    vector = np.random.default_rng(7).standard_normal(384).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    text = encode_embedding(vector)
+    # 384 float16 values are 768 bytes: 1024 base64 characters.
+    assert len(text) == 1024
+    back = decode_embedding(text)
+    assert back.dtype == np.float32
+    assert np.abs(back - vector).max() < 1e-3
+    assert float(back @ vector) > 0.9999
+
+
+def test_envelope_carries_its_embedding_through_json() -> None:
+    vector = np.linspace(-1.0, 1.0, 384, dtype=np.float32)
+    env = Envelope(request=request(), embedding=encode_embedding(vector))
+    back = Envelope.model_validate_json(dump(env))
+    assert back.embedding is not None
+    np.testing.assert_array_equal(decode_embedding(back.embedding), decode_embedding(env.embedding))
+    assert Envelope(request=request()).embedding is None
