@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from inference.runtime import Device, ModelLoadError, open_session
+from inference.runtime import GPU_PROVIDERS, Device, ModelLoadError, open_session
 
 OnToken = Callable[[str], Awaitable[None]]
 Array = np.ndarray[Any, Any]
+# A KV cache tensor: on the host, or where the session put it when IO binding is on.
+Cache = Array | ort.OrtValue
+
+
+def on_host(tensor: Cache) -> Array:
+    """The tensor as a numpy array, copied from the device if it lives there."""
+    return tensor.numpy() if isinstance(tensor, ort.OrtValue) else tensor
 
 
 @dataclass
@@ -76,24 +84,30 @@ class _Batch:
     """Rows decoding together; cache columns are shared and padding columns have mask 0."""
 
     rows: list[_Row]
-    past: list[Array]  # key, value per layer: [rows, heads, columns, head_dim]
+    past: list[Cache]  # key, value per layer: [rows, heads, columns, head_dim]
     mask: Array  # [rows, columns], int64
     logits: Array  # [rows, vocab], float32: scores of each row's next token
 
     def keep(self, indices: list[int]) -> None:
-        """Keep only these rows, then drop the leading columns that no kept row uses."""
+        """Keep only these rows, then drop the leading columns that no kept row uses.
+
+        When every row stays and no column goes, the cache is left where it is (on the
+        device, with IO binding), which is most steps.
+        """
+        mask = self.mask[indices]
+        used = mask.any(axis=0)
+        start = int(np.argmax(used)) if used.any() else mask.shape[1]
+        if len(indices) == len(self.rows) and start == 0:
+            return
         self.rows = [self.rows[i] for i in indices]
-        self.mask = self.mask[indices]
+        self.mask = mask[:, start:]
         self.logits = self.logits[indices]
-        used = self.mask.any(axis=0)
-        start = int(np.argmax(used)) if used.any() else self.mask.shape[1]
-        self.mask = self.mask[:, start:]
-        self.past = [p[indices][:, :, start:] for p in self.past]
+        self.past = [on_host(p)[indices][:, :, start:] for p in self.past]
 
 
 def _left_pad(batch: _Batch, columns: int) -> tuple[list[Array], Array]:
     extra = columns - batch.mask.shape[1]
-    past = [np.pad(p, ((0, 0), (0, 0), (extra, 0), (0, 0))) for p in batch.past]
+    past = [np.pad(on_host(p), ((0, 0), (0, 0), (extra, 0), (0, 0))) for p in batch.past]
     return past, np.pad(batch.mask, ((0, 0), (extra, 0)))
 
 
@@ -158,8 +172,14 @@ class DecoderModel:
     """A decoder folder (config.json, tokenizer.json, model.onnx) ready to generate."""
 
     def __init__(
-        self, folder: Path, device: Device = "auto", intra_op_threads: int | None = None
+        self,
+        folder: Path,
+        device: Device = "auto",
+        intra_op_threads: int | None = None,
+        io_binding: bool | None = None,
     ) -> None:
+        """`io_binding` keeps the KV cache where the session computes it between steps
+        instead of copying it to the host and back; by default on when a GPU runs it."""
         config = _read_config(folder)
         self.layers = int(config["num_hidden_layers"])
         heads = int(config["num_attention_heads"])
@@ -175,6 +195,9 @@ class DecoderModel:
         except Exception as exc:
             raise ModelLoadError(f"{folder / 'tokenizer.json'} could not be loaded: {exc}") from exc
         self.session = open_session(folder / "model.onnx", device, intra_op_threads)
+        on_gpu = self.session.get_providers()[0] in GPU_PROVIDERS
+        self.cache_device = "cuda" if on_gpu else "cpu"
+        self.io_binding = on_gpu if io_binding is None else io_binding
         self.past_names = [
             f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")
         ]
@@ -210,17 +233,30 @@ class DecoderModel:
         return _Row(prompt_ids=ids, params=params, rng=np.random.default_rng(params.seed))
 
     def _run(
-        self, ids: Array, mask: Array, positions: Array, past: list[Array]
-    ) -> tuple[Array, list[Array]]:
-        feeds = {
+        self, ids: Array, mask: Array, positions: Array, past: list[Cache]
+    ) -> tuple[Array, list[Cache]]:
+        feeds: dict[str, Cache] = {
             "input_ids": ids,
             "attention_mask": mask,
             **dict(zip(self.past_names, past, strict=True)),
         }
         if self.has_positions:
             feeds["position_ids"] = positions
-        logits, *present = self.session.run(self.output_names, feeds)
-        return np.asarray(logits[:, -1, :], dtype=np.float32), present
+        if not self.io_binding:
+            logits, *present = self.session.run(self.output_names, feeds)
+            return np.asarray(logits[:, -1, :], dtype=np.float32), present
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.cache_device)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32), present
 
     def prefill(self, rows: list[_Row]) -> _Batch:
         """Run every row's whole sequence so far, left-padded, from an empty cache."""
