@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
-import onnxruntime as ort
+from onnxruntime import OrtValue
 from tokenizers import Tokenizer
 
 from inference.runtime import GPU_PROVIDERS, Device, ModelLoadError, open_session
@@ -28,12 +28,14 @@ from inference.runtime import GPU_PROVIDERS, Device, ModelLoadError, open_sessio
 OnToken = Callable[[str], Awaitable[None]]
 Array = np.ndarray[Any, Any]
 # A KV cache tensor: on the host, or where the session put it when IO binding is on.
-Cache = Array | ort.OrtValue
+Cache: TypeAlias = Array | OrtValue
 
 
 def on_host(tensor: Cache) -> Array:
     """The tensor as a numpy array, copied from the device if it lives there."""
-    return tensor.numpy() if isinstance(tensor, ort.OrtValue) else tensor
+    if isinstance(tensor, OrtValue):
+        return np.asarray(tensor.numpy())
+    return tensor
 
 
 @dataclass
@@ -247,7 +249,7 @@ class DecoderModel:
             return np.asarray(logits[:, -1, :], dtype=np.float32), present
         binding = self.session.io_binding()
         for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
+            if isinstance(value, OrtValue):
                 binding.bind_ortvalue_input(name, value)
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
