@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import batching as bench_batching
+from inference.runtime import ModelLoadError
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
@@ -103,7 +104,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from llmflow.worker import run_worker
 
     sys.argv = [sys.argv[0], "worker"]
-    run_worker(_settings(args), args.loglevel)
+    try:
+        run_worker(_settings(args), args.loglevel)
+    except ModelLoadError as exc:
+        print(f"llmflow worker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,4 +29,4 @@ def open_backends(settings: Settings) -> Backends:
     remote = OpenAIHTTPBackend(
         settings.provider_url, settings.provider_api_key, settings.infer.max_concurrency
     )
-    return Backends(remote, LocalDecoderBackend(settings.engine))
+    return Backends(remote, LocalDecoderBackend(settings.engine, settings.models))

@@ -1,13 +1,12 @@
 """Local decoder models in ONNX Runtime, behind the same backend interface as remote ones.
 
 Each model folder (an Optimum-style export: model.onnx, config.json, tokenizer.json) gets
-one session and one continuous batcher per worker, loaded at first use; requests of any
-batch join the running decode loop at its next step.
+one session and one continuous batcher per worker; requests of any batch join the running
+decode loop at its next step.
 """
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from agents.infer import Delta, UpstreamError
@@ -41,30 +40,25 @@ def price(spec: ModelSpec, usage: Usage) -> float:
 
 
 class LocalDecoderBackend:
-    def __init__(self, engine: EngineSettings) -> None:
-        self.engine = engine
-        self.batchers: dict[str, ContinuousBatcher] = {}
-        self._loading = asyncio.Lock()
+    """Loads every local model of the registry when the worker starts, so a missing or
+    corrupt model file stops the worker with a clear error instead of failing requests."""
 
-    async def batcher(self, spec: ModelSpec) -> ContinuousBatcher:
-        """The model's continuous batcher, loading the model on first use."""
-        async with self._loading:
-            if spec.name not in self.batchers:
-                if spec.path is None:
-                    raise ModelLoadError(f"model {spec.name} has backend onnx but no path")
-                model = await asyncio.to_thread(
-                    DecoderModel, Path(spec.path), self.engine.device, self.engine.intra_op_threads
-                )
-                self.batchers[spec.name] = ContinuousBatcher(model, self.engine.max_batch)
-            return self.batchers[spec.name]
+    def __init__(self, engine: EngineSettings, models: list[ModelSpec]) -> None:
+        self.batchers: dict[str, ContinuousBatcher] = {}
+        for spec in models:
+            if spec.backend != "onnx":
+                continue
+            if spec.path is None:
+                raise ModelLoadError(f"model {spec.name} has backend onnx but no path")
+            model = DecoderModel(Path(spec.path), engine.device, engine.intra_op_threads)
+            self.batchers[spec.name] = ContinuousBatcher(model, engine.max_batch)
 
     async def complete(
         self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
     ) -> Result:
-        try:
-            batcher = await self.batcher(spec)
-        except ModelLoadError as exc:
-            raise UpstreamError("model_load", str(exc), retryable=False) from exc
+        batcher = self.batchers.get(spec.name)
+        if batcher is None:
+            raise UpstreamError("not_loaded", f"{spec.name} is not loaded", retryable=False)
         generation = await batcher.submit(prompt_of(envelope), sampling_params(envelope), on_delta)
         completion = len(generation.token_ids)
         usage = Usage(

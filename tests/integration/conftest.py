@@ -70,7 +70,9 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedProv
     simulated.stop()
 
 
-def pipeline_settings(bootstrap: str, redis_url: str, provider: SimulatedProvider) -> Settings:
+def pipeline_settings(
+    bootstrap: str, redis_url: str, provider: SimulatedProvider, embed: bool = False
+) -> Settings:
     settings = Settings()
     ratelimit = settings.ratelimit.model_copy(
         update={
@@ -84,12 +86,14 @@ def pipeline_settings(bootstrap: str, redis_url: str, provider: SimulatedProvide
             "redis_url": redis_url,
             "provider_url": f"{provider.base_url}/v1",
             "ratelimit": ratelimit,
+            "embedding": settings.embedding.model_copy(update={"enabled": embed}),
         }
     )
 
 
-def pipeline_fixture(broker: str, workers: int, redis_db: int) -> Any:
-    """A session fixture running the whole pipeline on `broker` with `workers` workers."""
+def pipeline_fixture(broker: str, workers: int, redis_db: int, embed: bool = False) -> Any:
+    """A session fixture running the whole pipeline on `broker` with `workers` workers;
+    `embed` has preprocess embed every request."""
 
     @pytest.fixture(scope="session")
     def running_pipeline(
@@ -101,7 +105,7 @@ def pipeline_fixture(broker: str, workers: int, redis_db: int) -> Any:
         bootstrap = request.getfixturevalue(f"{broker}_bootstrap")
         # Each broker's pipeline has its own Redis database, so no run sees another's cache.
         own_redis = f"{redis_url.rsplit('/', 1)[0]}/{redis_db}"
-        settings = pipeline_settings(bootstrap, own_redis, provider)
+        settings = pipeline_settings(bootstrap, own_redis, provider, embed)
         asyncio.run(create_topics(settings))
         run_dir = tmp_path_factory.mktemp(f"workers-{broker}")
         with Workers(settings, run_dir, workers) as running:
@@ -114,7 +118,9 @@ def pipeline_fixture(broker: str, workers: int, redis_db: int) -> Any:
 
 
 kafka_pipeline = pipeline_fixture("kafka", workers=2, redis_db=1)
-tansu_pipeline = pipeline_fixture("tansu", workers=1, redis_db=2)
+# One worker embeds every request on Tansu; on two CPU cores embedding a burst of 500
+# takes seconds, which would turn the Kafka run's concurrent duplicates into cache hits.
+tansu_pipeline = pipeline_fixture("tansu", workers=1, redis_db=2, embed=True)
 
 
 @pytest.fixture(scope="session", params=["kafka", "tansu"])
