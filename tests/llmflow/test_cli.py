@@ -1,13 +1,18 @@
-"""The CLI's offline commands."""
+"""The CLI's offline commands, and a worker that cannot load its models."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from llmflow.cli import main, parser
+from topology.settings import Settings
 
 
 def test_schema_writes_every_wire_schema(
@@ -36,3 +41,27 @@ def test_every_command_parses(argv: list[str]) -> None:
 def test_up_defaults_to_one_worker_and_exits_after_the_demo() -> None:
     args = parser().parse_args(["up", "--demo", "5"])
     assert args.demo == 5 and args.workers == 1 and not args.serve
+
+
+def test_a_worker_with_a_corrupt_local_model_stops_with_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "zoo-small"
+    shutil.copytree(Settings().model("zoo-small").path or "", broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    models = [
+        spec.model_copy(update={"path": str(broken)}) if spec.name == "zoo-small" else spec
+        for spec in Settings().models
+    ]
+    env = {
+        **os.environ,
+        "LLMFLOW_MODELS": json.dumps([m.model_dump(mode="json") for m in models]),
+        "LLMFLOW_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "llmflow.cli", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"{broken / 'model.onnx'} could not be loaded" in done.stderr

@@ -162,3 +162,18 @@ def test_stages_sharing_tables_must_share_a_partition_count() -> None:
     ]
     with pytest.raises(ValueError, match="one partition count"):
         Settings(stages=stages)
+
+
+def test_the_zoo_models_are_in_the_registry_as_their_cards_say() -> None:
+    settings = Settings()
+    for name in ("zoo-small", "zoo-large"):
+        spec = settings.model(name)
+        assert spec is not None and spec.backend == "onnx" and spec.path is not None
+        card = json.loads((Path(spec.path) / "card.json").read_text())
+        assert spec.input_per_1k == spec.output_per_1k == card["price_per_1k_tokens_usd"]
+        assert spec.flops_per_token == card["flops_per_token"]
+        assert spec.accuracy == card["accuracy"]
+        assert spec.batch_limit(settings.batch.max_size) == settings.batch.max_size
+    small, large = settings.model("zoo-small"), settings.model("zoo-large")
+    assert small is not None and large is not None
+    assert small.input_per_1k < large.input_per_1k

@@ -1,0 +1,72 @@
+"""The local ONNX backend: zoo models answer chat requests, priced, and stream as they go."""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.infer import UpstreamError
+from models.tasks import check, make_items
+from schemas.messages import Envelope, LLMRequest
+from streams.drivers.local_decoder import LocalDecoderBackend, prompt_of
+from topology.settings import EngineSettings, ModelSpec, Settings
+
+SETTINGS = Settings()
+ENGINE = EngineSettings(device="cpu", intra_op_threads=1, max_batch=8)
+
+
+def envelope(content: str, **params: int) -> Envelope:
+    request = LLMRequest(
+        id="r1",
+        tenant="acme",
+        messages=[
+            {"role": "system", "content": "Answer the task."},
+            {"role": "user", "content": "an earlier turn"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": content},
+        ],
+        params={"max_tokens": 16, **params},
+    )
+    return Envelope(request=request, model="zoo-small")
+
+
+def zoo(name: str) -> ModelSpec:
+    spec = SETTINGS.model(name)
+    assert spec is not None
+    return spec
+
+
+def test_the_prompt_is_the_last_user_turn() -> None:
+    assert prompt_of(envelope("reverse abc=")) == "reverse abc="
+
+
+async def test_a_zoo_model_answers_and_is_priced() -> None:
+    backend = LocalDecoderBackend(ENGINE, SETTINGS.models)
+    (item,) = make_items("sort", "easy", 1, seed=3, split="heldout")
+    spec = zoo("zoo-small")
+    result = await backend.complete(spec, envelope(item.prompt))
+    assert check(item, result.output or "")
+    assert result.model == "zoo-small" and result.finish_reason == "stop"
+    assert result.usage.prompt_tokens == len(item.prompt) + 1  # characters and <bos>
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    assert result.cost_usd == pytest.approx(
+        spec.price(result.usage.prompt_tokens, result.usage.completion_tokens)
+    )
+    await backend.close()
+
+
+async def test_deltas_stream_while_the_answer_is_generated() -> None:
+    backend = LocalDecoderBackend(ENGINE, SETTINGS.models)
+    deltas: list[str] = []
+
+    async def collect(delta: str) -> None:
+        deltas.append(delta)
+
+    result = await backend.complete(zoo("zoo-large"), envelope("reverse kafka="), collect)
+    await backend.close()
+    assert len(deltas) > 1 and "".join(deltas) == result.output
+
+
+async def test_a_model_that_is_not_loaded_is_a_clear_upstream_error() -> None:
+    backend = LocalDecoderBackend(ENGINE, [])
+    with pytest.raises(UpstreamError, match="zoo-small is not loaded"):
+        await backend.complete(zoo("zoo-small"), envelope("sort cba="))
