@@ -21,6 +21,7 @@ up to the oldest unacked event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from streams.drivers.backends import open_backends
 from topology.settings import BatchSettings
 
 STAGE = "batch"
+log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 PRIORITY_ORDER = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
@@ -249,13 +251,15 @@ class AdaptiveBatcher(Generic[Item]):
         queue.fit.record(size, seconds)
 
     def next_wakeup(self, now: float) -> float | None:
-        """When a waiting batch's wait or a queued deadline next runs out."""
+        """When a waiting batch's wait or a queued deadline next runs out; a model whose
+        slots are all busy waits for a batch to finish instead, which wakes the loop."""
         times = []
         for model, queue in self.queues.items():
             entries = queue.entries()
             if not entries:
                 continue
-            times.append(min(e.arrived for e in entries) + self.wait_s(model, now))
+            if queue.batches_running < self.limits(model).slots:
+                times.append(min(e.arrived for e in entries) + self.wait_s(model, now))
             deadlines = [e.deadline for e in entries if e.deadline is not None]
             if deadlines:
                 times.append(min(deadlines) - queue.fit.predict(1))
@@ -297,10 +301,15 @@ class BatchScheduler(Generic[Item]):
             self._wake.set()
 
     async def run(self) -> None:
+        """Close and start batches until cancelled. A failure to answer an expired request
+        is logged and the loop goes on: if it stopped, every later request would hang."""
         while True:
             now = self.now()
             for item in self.batcher.expire(now):
-                await self.expired(item)
+                try:
+                    await self.expired(item)
+                except Exception:
+                    log.exception("could not answer a request whose deadline passed")
             for model, items in self.batcher.take_ready(now):
                 task = asyncio.create_task(self._run_batch(model, items))
                 self.running.add(task)

@@ -228,3 +228,40 @@ async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
     assert max(map(len, ran)) > 1  # the rest queued behind it and went together
     assert b.queues["m"].fit.predict(1) == pytest.approx(0.02, abs=0.015)
     assert b.queued == 0
+
+
+def test_a_model_with_every_slot_busy_waits_for_a_batch_to_finish_not_a_timer() -> None:
+    b = batcher(slots=1)
+    b.add("m", "a", NORMAL, None, 0.0)
+    assert b.take_ready(0.0) == [("m", ["a"])]
+    b.add("m", "b", NORMAL, None, 0.0)
+    assert b.next_wakeup(5.0) is None
+    b.add("m", "c", NORMAL, deadline=9.0, now=0.0)
+    assert b.next_wakeup(5.0) == pytest.approx(9.0)
+
+
+async def test_the_scheduler_goes_on_when_answering_an_expired_request_fails() -> None:
+    b = batcher(slots=1)
+    ran: list[str] = []
+
+    async def execute(_model: str, items: list[str]) -> None:
+        ran.extend(items)
+        await asyncio.sleep(0.05)
+
+    async def failing(_item: str) -> None:
+        raise RuntimeError("the broker is gone")
+
+    scheduler = BatchScheduler(b, execute, failing)
+    loop_task = asyncio.create_task(scheduler.run())
+    try:
+        scheduler.submit("m", "first", NORMAL, None)
+        await asyncio.sleep(0.01)
+        scheduler.submit("m", "doomed", NORMAL, scheduler.now() + 0.02)
+        await asyncio.sleep(0.1)
+        scheduler.submit("m", "after", NORMAL, None)
+        await asyncio.sleep(0.1)
+        await scheduler.drain()
+    finally:
+        loop_task.cancel()
+    assert ran == ["first", "after"]
+    assert not loop_task.done() or loop_task.cancelled()
