@@ -27,13 +27,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from faust import Stream
 from faust.types import EventT, StreamT
 
 from agents.infer import InferenceRunner
-from schemas.messages import Envelope, ErrorCode, Priority, StreamChunk, dump
+from schemas.messages import Envelope, ErrorCode, Priority, Status, StreamChunk, dump
 from streams import metrics
 from streams.app import Pipeline
 from streams.drivers.backends import open_backends
@@ -237,18 +237,23 @@ class AdaptiveBatcher(Generic[Item]):
         for queue in self.queues.values():
             finish = now + queue.fit.predict(1)
             for priority in PRIORITY_ORDER:
-                pending = queue.by_priority[priority]
-                late = [e for e in pending if e.deadline is not None and e.deadline < finish]
-                if late:
-                    gone.extend(e.item for e in late)
-                    queue.by_priority[priority] = deque(e for e in pending if e not in late)
+                kept: deque[Queued[Item]] = deque()
+                for entry in queue.by_priority[priority]:
+                    if entry.deadline is not None and entry.deadline < finish:
+                        gone.append(entry.item)
+                    else:
+                        kept.append(entry)
+                queue.by_priority[priority] = kept
         return gone
 
-    def done(self, model: str, size: int, seconds: float) -> None:
+    def done(self, model: str, size: int, seconds: float | None) -> None:
+        """A batch finished; `seconds` is None when its time says nothing of the model's
+        speed (it timed out or failed), so one stall cannot lock out every deadline."""
         queue = self._queue(model)
         queue.batches_running -= 1
         self.items_running -= size
-        queue.fit.record(size, seconds)
+        if seconds is not None:
+            queue.fit.record(size, seconds)
 
     def next_wakeup(self, now: float) -> float | None:
         """When a waiting batch's wait or a queued deadline next runs out; a model whose
@@ -274,9 +279,11 @@ class BatchScheduler(Generic[Item]):
     def __init__(
         self,
         batcher: AdaptiveBatcher[Item],
-        execute: Callable[[str, list[Item]], Awaitable[None]],
+        execute: Callable[[str, list[Item]], Awaitable[bool]],
         expired: Callable[[Item], Awaitable[None]],
     ) -> None:
+        """`execute` runs one batch and says whether its time measures the model (False
+        when it timed out or failed)."""
         self.batcher = batcher
         self.execute = execute
         self.expired = expired
@@ -293,11 +300,13 @@ class BatchScheduler(Generic[Item]):
         self._wake.set()
 
     async def _run_batch(self, model: str, items: list[Item]) -> None:
-        started = self.now()
+        started, measured = self.now(), False
         try:
-            await self.execute(model, items)
+            measured = await self.execute(model, items)
+        except Exception:
+            log.exception("a batch of %d for %s failed", len(items), model)
         finally:
-            self.batcher.done(model, len(items), self.now() - started)
+            self.batcher.done(model, len(items), self.now() - started if measured else None)
             self._wake.set()
 
     async def run(self) -> None:
@@ -343,46 +352,61 @@ def attach(pipeline: Pipeline) -> None:
 
     runner = InferenceRunner(settings, backends, send_chunk)
 
+    async def close_backends(_app: object, *_args: object, **_kwargs: object) -> None:
+        await backends.close()
+
+    pipeline.app.on_before_shutdown.connect(cast(Any, close_backends))
+
     def limits(model: str) -> ModelLimits:
         spec = settings.model(model)
         if spec is None:
             return ModelLimits(slots=1, max_size=1)
-        return ModelLimits(
-            spec.max_batches_in_flight, spec.max_batch_size or settings.batch.max_size
-        )
+        return ModelLimits(spec.max_batches_in_flight, spec.batch_limit(settings.batch.max_size))
 
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def batch(stream: StreamT[bytes]) -> None:
+        """Each event is acked once its request is answered or handed on; one whose answer
+        could not even be sent stays unacked, so a restart delivers it again."""
         manual = cast(Stream[bytes], stream).noack()
         Pending = tuple[EventT[bytes], Envelope]
 
-        async def execute(model: str, items: list[Pending]) -> None:
-            metrics.batch_size.labels(model).observe(len(items))
+        async def settle(event: EventT[bytes], handing_on: Awaitable[None]) -> None:
             try:
-                await runner.run([e for _, e in items])
-                for event, envelope in items:
-                    pipeline.mark(envelope, "infer")
-                    try:
-                        await pipeline.send("postprocess", envelope)
-                    except Exception as exc:
-                        await pipeline.handle_crash(event, envelope, STAGE, exc)
-            finally:
-                for event, _ in items:
-                    await manual.ack(event)
+                await handing_on
+            except Exception:
+                log.exception("could not answer or hand on offset %s", event.message.offset)
+                return
+            await manual.ack(event)
+
+        async def hand_on(event: EventT[bytes], envelope: Envelope) -> None:
+            try:
+                await pipeline.send("postprocess", envelope)
+            except Exception as exc:
+                await pipeline.handle_crash(event, envelope, STAGE, exc)
+
+        async def execute(model: str, items: list[Pending]) -> bool:
+            metrics.batch_size.labels(model).observe(len(items))
+            await runner.run([e for _, e in items])
+            for event, envelope in items:
+                pipeline.mark(envelope, "infer")
+                await settle(event, hand_on(event, envelope))
+            return any(e.status is Status.OK for _, e in items)
 
         async def expired(item: Pending) -> None:
             event, envelope = item
-            await pipeline.fail(
-                envelope,
-                ErrorCode.TIMEOUT,
-                "deadline_exceeded",
-                "the deadline would pass before a batch could finish",
+            message = "the deadline would pass before a batch could finish"
+            await settle(
+                event, pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", message)
             )
-            await manual.ack(event)
+
+        def report_stop(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.critical("the batch scheduler stopped", exc_info=task.exception())
 
         batcher: AdaptiveBatcher[Pending] = AdaptiveBatcher(settings.batch, limits)
         scheduler = BatchScheduler(batcher, execute, expired)
         flusher = asyncio.create_task(scheduler.run())
+        flusher.add_done_callback(report_stop)
         try:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
                 try:
@@ -393,16 +417,16 @@ def attach(pipeline: Pipeline) -> None:
                     deadline = loop_deadline(envelope, scheduler.now())
                     scheduler.submit(envelope.model or "", (event, envelope), priority, deadline)
                 except QueueFull as exc:
-                    await pipeline.fail(
+                    failing = pipeline.fail(
                         envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc)
                     )
-                    await manual.ack(event)
+                    await settle(event, failing)
                 except DeadlineUnreachable as exc:
-                    await pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc))
-                    await manual.ack(event)
+                    failing = pipeline.fail(
+                        envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc)
+                    )
+                    await settle(event, failing)
                 except Exception as exc:
-                    await pipeline.handle_crash(event, envelope, STAGE, exc)
-                    await manual.ack(event)
+                    await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
         finally:
             flusher.cancel()
-            await backends.close()

@@ -22,14 +22,23 @@ log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
+    """A call that failed; `code` is `invalid` when the model cannot take this request at
+    all (so retrying or blaming the upstream would be wrong)."""
+
     def __init__(
-        self, reason: str, message: str, retryable: bool, retry_after_s: float | None = None
+        self,
+        reason: str,
+        message: str,
+        retryable: bool,
+        retry_after_s: float | None = None,
+        code: ErrorCode = ErrorCode.UPSTREAM_ERROR,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.code = code
 
 
 Delta = Callable[[str], Awaitable[None]]
@@ -62,8 +71,11 @@ class StreamedChunks:
         self.sent = 0
 
     async def __call__(self, delta: str) -> None:
-        await self.sink(StreamChunk(id=self.request_id, index=self.sent, delta=delta))
+        """The index is taken before the send: were the request to time out while a
+        chunk is on its way, the final chunk's index must still come after it."""
+        index = self.sent
         self.sent += 1
+        await self.sink(StreamChunk(id=self.request_id, index=index, delta=delta))
 
 
 class InferenceRunner:
@@ -114,7 +126,7 @@ class InferenceRunner:
             )
             return
         except UpstreamError as exc:
-            envelope.fail(ErrorCode.UPSTREAM_ERROR, exc.reason, exc.message, exc.retry_after_s)
+            envelope.fail(exc.code, exc.reason, exc.message, exc.retry_after_s)
             return
         except Exception as exc:
             # A backend bug must cost this request an error answer, not the whole batch.

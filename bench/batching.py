@@ -133,13 +133,16 @@ async def batched_latencies(
     latencies: list[float] = []
     finished = asyncio.Event()
 
-    async def execute(_model: str, batch: list[tuple[int, float]]) -> None:
+    async def execute(_model: str, batch: list[tuple[int, float]]) -> bool:
         inputs = [workload.items[i % len(workload.items)] for i, _ in batch]
-        await asyncio.to_thread(workload.run, inputs)
-        now = loop.time()
-        latencies.extend(now - arrived for _, arrived in batch)
-        if len(latencies) == len(arrivals):
-            finished.set()
+        try:
+            await asyncio.to_thread(workload.run, inputs)
+        finally:
+            now = loop.time()
+            latencies.extend(now - arrived for _, arrived in batch)
+            if len(latencies) == len(arrivals):
+                finished.set()
+        return True
 
     async def never_expires(_item: tuple[int, float]) -> None:
         raise AssertionError("no deadlines are set in this benchmark")

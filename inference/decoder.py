@@ -359,6 +359,7 @@ class ContinuousBatcher:
         self.max_batch = max_batch
         self._queue: deque[_Row] = deque()
         self._batch: _Batch | None = None
+        self._admitting: list[_Row] = []  # taken from the queue, being prefilled
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -387,11 +388,13 @@ class ContinuousBatcher:
         self._fail_all(RuntimeError("the batcher was closed"))
 
     def _rows(self) -> list[_Row]:
-        return [*self._queue, *(self._batch.rows if self._batch else [])]
+        running = self._batch.rows if self._batch else []
+        return [*self._queue, *self._admitting, *running]
 
     def _fail_all(self, exc: BaseException) -> None:
         _fail(self._rows(), exc)
         self._queue.clear()
+        self._admitting = []
         self._batch = None
 
     async def _run(self) -> None:
@@ -417,18 +420,21 @@ class ContinuousBatcher:
                 rows.append(row)
         if not rows:
             return
+        self._admitting = rows
         try:
             fresh = await asyncio.to_thread(self.model.prefill, rows)
+            self._batch = fresh if self._batch is None else merge(self._batch, fresh)
         except Exception as exc:
             _fail(rows, exc)
-            return
-        self._batch = fresh if self._batch is None else merge(self._batch, fresh)
+        finally:
+            self._admitting = []
 
     async def _step(self, batch: _Batch) -> None:
+        rows = list(batch.rows)  # the step drops finished rows before it can fail
         try:
             deltas = await asyncio.to_thread(self.model.step, batch)
         except Exception as exc:
-            _fail(batch.rows, exc)
+            _fail(rows, exc)
             self._batch = None
             return
         for row, delta in deltas:

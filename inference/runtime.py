@@ -37,6 +37,9 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     options.intra_op_num_threads = intra_op_threads or max(1, os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle pool threads sleep instead of spinning: a worker holds several sessions and an
+    # event loop on few cores, and spinning threads would starve the loop.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

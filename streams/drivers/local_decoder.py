@@ -12,7 +12,7 @@ from pathlib import Path
 from agents.infer import Delta, UpstreamError
 from inference.decoder import ContinuousBatcher, DecoderModel, SamplingParams
 from inference.runtime import ModelLoadError
-from schemas.messages import Envelope, Result, Role, Usage
+from schemas.messages import Envelope, ErrorCode, Result, Role, Usage
 from topology.settings import EngineSettings, ModelSpec
 
 
@@ -59,7 +59,14 @@ class LocalDecoderBackend:
         batcher = self.batchers.get(spec.name)
         if batcher is None:
             raise UpstreamError("not_loaded", f"{spec.name} is not loaded", retryable=False)
-        generation = await batcher.submit(prompt_of(envelope), sampling_params(envelope), on_delta)
+        try:
+            generation = await batcher.submit(
+                prompt_of(envelope), sampling_params(envelope), on_delta
+            )
+        except ValueError as exc:
+            raise UpstreamError(
+                "not_for_this_model", f"{spec.name}: {exc}", False, code=ErrorCode.INVALID
+            ) from exc
         completion = len(generation.token_ids)
         usage = Usage(
             prompt_tokens=generation.prompt_tokens,

@@ -199,9 +199,10 @@ async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
     ran: list[list[str]] = []
     expired: list[str] = []
 
-    async def execute(_model: str, items: list[str]) -> None:
+    async def execute(_model: str, items: list[str]) -> bool:
         ran.append(items)
         await asyncio.sleep(0.02)
+        return True
 
     async def on_expired(item: str) -> None:
         expired.append(item)
@@ -226,7 +227,7 @@ async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
     assert expired == ["hopeless"]
     assert ran[0] == ["r0"]  # the first goes alone: nothing else had arrived
     assert max(map(len, ran)) > 1  # the rest queued behind it and went together
-    assert b.queues["m"].fit.predict(1) == pytest.approx(0.02, abs=0.015)
+    assert 0.02 <= b.queues["m"].fit.predict(1) < 1.0  # sleeping 20 ms takes at least that
     assert b.queued == 0
 
 
@@ -244,9 +245,10 @@ async def test_the_scheduler_goes_on_when_answering_an_expired_request_fails() -
     b = batcher(slots=1)
     ran: list[str] = []
 
-    async def execute(_model: str, items: list[str]) -> None:
+    async def execute(_model: str, items: list[str]) -> bool:
         ran.extend(items)
         await asyncio.sleep(0.05)
+        return True
 
     async def failing(_item: str) -> None:
         raise RuntimeError("the broker is gone")
@@ -265,3 +267,13 @@ async def test_the_scheduler_goes_on_when_answering_an_expired_request_fails() -
         loop_task.cancel()
     assert ran == ["first", "after"]
     assert not loop_task.done() or loop_task.cancelled()
+
+
+def test_a_failed_batch_does_not_teach_the_latency_fit() -> None:
+    b = batcher(slots=1)
+    b.add("m", "a", NORMAL, None, 0.0)
+    b.take_ready(0.0)
+    b.done("m", 1, None)  # timed out after 30 s: not the model's speed
+    assert b.queues["m"].fit.predict(1) == 0.0
+    b.add("m", "b", NORMAL, deadline=1.0, now=0.0)  # still admitted
+    assert b.queued == 1

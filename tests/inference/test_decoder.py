@@ -221,6 +221,29 @@ async def test_a_failing_step_fails_its_requests(small: DecoderModel) -> None:
         await batcher.submit("add 1+2=", GREEDY)
 
 
+async def test_a_row_that_finished_in_a_failing_step_is_answered_too(
+    small: DecoderModel,
+) -> None:
+    """The step drops finished rows before it runs the model; if that run fails, the row
+    that finished must still get an answer (here the failure), never silence."""
+    batcher = ContinuousBatcher(small)
+
+    def fail_decoding(_batch):  # type: ignore[no-untyped-def]
+        raise RuntimeError("device lost")
+
+    small._decode = fail_decoding  # type: ignore[method-assign]
+    try:
+        short = batcher.submit("sort cba=", SamplingParams(max_tokens=1))
+        long = batcher.submit("sort cba=", SamplingParams(max_tokens=10))
+        results = await asyncio.wait_for(
+            asyncio.gather(short, long, return_exceptions=True), timeout=10
+        )
+    finally:
+        del small._decode
+        await batcher.close()
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
 def copy_zoo(tmp_path: Path) -> Path:
     folder = tmp_path / "model"
     shutil.copytree(ARTIFACTS / "zoo-small", folder)

@@ -8,7 +8,6 @@ test_pipeline.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from llmflow.client import LLMFlowClient, new_request
 from models.tasks import check, make_items
 from schemas.messages import (
     Envelope,
-    ErrorCode,
     GenerationParams,
-    Priority,
     Status,
     StreamChunk,
     decode_embedding,
@@ -78,22 +75,6 @@ async def test_a_streamed_zoo_answer_arrives_token_by_token(
     assert mine[-1].done and not any(c.done for c in mine[:-1])
     assert len(mine) - 1 == len(response.output or "")  # a chunk per character token
     assert "".join(c.delta for c in mine) == response.output
-
-
-async def test_a_deadline_the_batch_cannot_meet_is_answered_timeout(
-    client: LLMFlowClient,
-) -> None:
-    request = new_request(
-        f"reverse abcdefgh {uuid.uuid4().hex[:4]}=",
-        "acme",
-        model="zoo-large",
-        params=GenerationParams(max_tokens=16),
-        priority=Priority.HIGH,
-        deadline=time.time() + 0.001,
-    )
-    response = await client.call(request, timeout=60)
-    assert response.status is Status.ERROR and response.error is not None
-    assert response.error.code is ErrorCode.TIMEOUT
 
 
 async def test_preprocess_embeds_the_last_user_turn_when_enabled(

@@ -6,7 +6,7 @@ import pytest
 
 from agents.infer import UpstreamError
 from models.tasks import check, make_items
-from schemas.messages import Envelope, LLMRequest
+from schemas.messages import Envelope, ErrorCode, LLMRequest
 from streams.drivers.local_decoder import LocalDecoderBackend, prompt_of
 from topology.settings import EngineSettings, ModelSpec, Settings
 
@@ -70,3 +70,11 @@ async def test_a_model_that_is_not_loaded_is_a_clear_upstream_error() -> None:
     backend = LocalDecoderBackend(ENGINE, [])
     with pytest.raises(UpstreamError, match="zoo-small is not loaded"):
         await backend.complete(zoo("zoo-small"), envelope("sort cba="))
+
+
+async def test_a_prompt_longer_than_the_model_takes_is_invalid_for_it() -> None:
+    backend = LocalDecoderBackend(ENGINE, SETTINGS.models)
+    with pytest.raises(UpstreamError, match="zoo-small: the prompt has") as raised:
+        await backend.complete(zoo("zoo-small"), envelope("reverse " + "a" * 60 + "="))
+    await backend.close()
+    assert raised.value.code is ErrorCode.INVALID and not raised.value.retryable
