@@ -126,6 +126,11 @@ class ModelSpec(Section):
 
 def zoo_model(folder: Path) -> ModelSpec:
     """A local model of the repo's zoo, priced and scored from the card its build wrote."""
+    if not (folder / "card.json").is_file():
+        raise ValueError(
+            f"{folder / 'card.json'} is missing: the zoo is committed under models/artifacts "
+            "and checked by `make models`"
+        )
     card = json.loads((folder / "card.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     accuracy = card["accuracy"]
