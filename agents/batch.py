@@ -197,8 +197,11 @@ class AdaptiveBatcher(Generic[Item]):
             )
         queue.by_priority[priority].append(Queued(item, now, deadline))
 
+    def slot_free(self, model: str) -> bool:
+        return self._queue(model).batches_running < self.limits(model).slots
+
     def _ready(self, model: str, queue: ModelQueue[Item], now: float) -> bool:
-        if not len(queue) or queue.batches_running >= self.limits(model).slots:
+        if not len(queue) or not self.slot_free(model):
             return False
         target = self.target_size(model, now)
         if len(queue) >= target:
@@ -263,7 +266,7 @@ class AdaptiveBatcher(Generic[Item]):
             entries = queue.entries()
             if not entries:
                 continue
-            if queue.batches_running < self.limits(model).slots:
+            if self.slot_free(model):
                 times.append(min(e.arrived for e in entries) + self.wait_s(model, now))
             deadlines = [e.deadline for e in entries if e.deadline is not None]
             if deadlines:
@@ -297,7 +300,8 @@ class BatchScheduler(Generic[Item]):
         """Queue `item`; `deadline` is on the loop's clock. Raises QueueFull or
         DeadlineUnreachable."""
         self.batcher.add(model, item, priority, deadline, self.now())
-        self._wake.set()
+        if deadline is not None or self.batcher.slot_free(model):
+            self._wake.set()  # else only a finishing batch can start the next, and wakes us
 
     async def _run_batch(self, model: str, items: list[Item]) -> None:
         started, measured = self.now(), False
@@ -307,7 +311,14 @@ class BatchScheduler(Generic[Item]):
             log.exception("a batch of %d for %s failed", len(items), model)
         finally:
             self.batcher.done(model, len(items), self.now() - started if measured else None)
+            self._start_ready()  # at once: the executor should not idle for a loop turn
             self._wake.set()
+
+    def _start_ready(self) -> None:
+        for model, items in self.batcher.take_ready(self.now()):
+            task = asyncio.create_task(self._run_batch(model, items))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
 
     async def run(self) -> None:
         """Close and start batches until cancelled. A failure to answer an expired request
@@ -319,10 +330,7 @@ class BatchScheduler(Generic[Item]):
                     await self.expired(item)
                 except Exception:
                     log.exception("could not answer a request whose deadline passed")
-            for model, items in self.batcher.take_ready(now):
-                task = asyncio.create_task(self._run_batch(model, items))
-                self.running.add(task)
-                task.add_done_callback(self.running.discard)
+            self._start_ready()
             wake_at = self.batcher.next_wakeup(now)
             timeout = None if wake_at is None else max(0.0005, wake_at - self.now())
             self._wake.clear()
@@ -384,12 +392,21 @@ def attach(pipeline: Pipeline) -> None:
             except Exception as exc:
                 await pipeline.handle_crash(event, envelope, STAGE, exc)
 
-        async def execute(model: str, items: list[Pending]) -> bool:
-            metrics.batch_size.labels(model).observe(len(items))
-            await runner.run([e for _, e in items])
+        handing_on: set[asyncio.Task[None]] = set()
+
+        async def hand_on_all(items: list[Pending]) -> None:
             for event, envelope in items:
                 pipeline.mark(envelope, "infer")
                 await settle(event, hand_on(event, envelope))
+
+        async def execute(model: str, items: list[Pending]) -> bool:
+            """Run the model; the answers go on in their own task, so the model's slot is
+            free for the next batch while they are sent."""
+            metrics.batch_size.labels(model).observe(len(items))
+            await runner.run([e for _, e in items])
+            task = asyncio.create_task(hand_on_all(items))
+            handing_on.add(task)
+            task.add_done_callback(handing_on.discard)
             return any(e.status is Status.OK for _, e in items)
 
         async def expired(item: Pending) -> None:
