@@ -20,7 +20,9 @@ from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import Status
 from topology.settings import RateLimit, Settings
 
-PROVIDER_LATENCY_MS = 300
+# Concurrent duplicates merge only while their leader is still at the provider; on a
+# loaded 2-core machine a hop can take a few hundred ms, so the provider takes longer.
+PROVIDER_LATENCY_MS = 800
 WORKER_START_S = 180.0
 TINY_TENANT = "tiny"
 TINY_LIMIT = RateLimit(burst=3, per_second=0.5)
