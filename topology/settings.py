@@ -206,6 +206,32 @@ class CacheSettings(Section):
     max_entries_per_partition: int = 10000
 
 
+class SemanticCacheSettings(Section):
+    """The semantic layer of cache and merging (`agents.semantic`).
+
+    The default threshold comes from `llmflow eval-pairs` on evaluation/pairs/pairs.jsonl:
+    with the exact guards on, it is the highest that still serves 80 % of paraphrases. The
+    guards, not the threshold, stop negations and changed numbers, dates and entities; the
+    false hits left (antonyms, swapped lowercase terms) are ~0.95 similar, so a higher
+    threshold would cost recall without removing them. Namespaces are tenants, or the
+    shared namespaces listed here.
+    """
+
+    threshold: float = Field(default=0.86, gt=0.0, le=1.0, description="cosine, unit vectors")
+    namespace_thresholds: dict[str, float] = Field(default_factory=dict)
+    shared_namespaces: list[str] = Field(
+        default_factory=list, description="namespaces tenants may share via cache_namespace"
+    )
+    max_entries: int = Field(default=10000, ge=1, description="per index; LRU-2 evicts")
+    ttl_s: float = Field(default=3600.0, gt=0)
+    adaptive: bool = Field(default=False, description="learn a threshold per entry")
+    delta: float = Field(default=0.01, gt=0.0, lt=1.0, description="false-hit bound per entry")
+    min_observations: int = Field(default=20, ge=1, description="before an entry may loosen")
+
+    def threshold_for(self, namespace: str) -> float:
+        return self.namespace_thresholds.get(namespace, self.threshold)
+
+
 class BatchSettings(Section):
     """Bounds within which each model's batch size and wait adapt to its load."""
 
@@ -273,6 +299,7 @@ class Settings(Section):
     ratelimit: RateLimits = RateLimits()
     dedup: DedupSettings = DedupSettings()
     cache: CacheSettings = CacheSettings()
+    semantic: SemanticCacheSettings = SemanticCacheSettings()
     batch: BatchSettings = BatchSettings()
     infer: InferSettings = InferSettings()
     route: RouteSettings = RouteSettings()
