@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import batching as bench_batching
+from bench import locality as bench_locality
+from evaluation.pairs import evaluate as eval_pairs
 from inference.runtime import ModelLoadError
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
@@ -180,6 +182,13 @@ def parser() -> argparse.ArgumentParser:
     batching = bench_sub.add_parser("batching", help="the batcher against offline batching")
     bench_batching.add_arguments(batching)
     batching.set_defaults(func=bench_batching.run)
+    locality = bench_sub.add_parser("locality", help="LSH partition keys: split near-duplicates")
+    bench_locality.add_arguments(locality)
+    locality.set_defaults(func=bench_locality.run)
+
+    pairs = sub.add_parser("eval-pairs", help="the semantic cache on labelled prompt pairs")
+    eval_pairs.add_arguments(pairs)
+    pairs.set_defaults(func=eval_pairs.run)
     return root
 
 
