@@ -5,7 +5,8 @@ Only the last user turn is matched by meaning. Everything else that changes the 
 into an exact context key, so consecutive turns of an agent loop, whose whole
 conversations embed ~0.99 alike, never replay each other. Cosine alone also matches a
 question with its negation or with other numbers (MiniLM puts them ~0.9 apart), so exact
-guard terms (negation, numbers, dates, capitalised entities) must agree as well.
+guard terms (negation, numbers, dates, capitalised entities, antonyms, the order of
+converted units and related entities, scope modifiers) must agree as well.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from topology.settings import SemanticCacheSettings
 T = TypeVar("T")
 Vector = npt.NDArray[np.float32]
 
-GUARD_KINDS = ("negation", "numbers", "dates", "entities")
+GUARD_KINDS = (
+    "negation",
+    "numbers",
+    "identifiers",
+    "dates",
+    "entities",
+    "antonyms",
+    "order",
+    "scope",
+)
 # LRU-K with K=2: an entry's eviction rank is its second most recent access.
 LRU_K = 2
 MAX_OBSERVATIONS = 256
@@ -74,6 +84,118 @@ DATE_WORDS = MONTHS | frozenset(
 # Capitalised words that name nothing (pronouns and the like) or that the dates guard
 # already reads (May), wherever they stand.
 NOT_ENTITIES = frozenset("i i'm i've i'd i'll ok okay may".split())
+# Opposite poles: a text's pole of each row must match. A pole holds a few synonyms, so
+# "raise" and "increase" agree; words are compared by `_stem` ("thinner", "thin").
+ANTONYMS: tuple[tuple[str, str], ...] = (
+    ("increase raise boost enlarge expand", "decrease reduce shrink"),
+    ("gain", "lose loss"),
+    ("min minimum minimal", "max maximum maximal"),
+    ("high", "low"),
+    ("more", "less fewer"),
+    ("before prior", "after"),
+    ("import", "export"),
+    ("buy purchase", "sell"),
+    ("encrypt", "decrypt"),
+    ("encode", "decode"),
+    ("compress zip", "decompress unzip"),
+    ("upload", "download"),
+    ("enable activate", "disable deactivate"),
+    ("install", "uninstall"),
+    ("connect", "disconnect"),
+    ("lock", "unlock"),
+    ("mount", "unmount"),
+    ("subscribe", "unsubscribe"),
+    ("include", "exclude"),
+    ("add insert", "remove delete"),
+    ("start", "stop"),
+    ("push", "pull"),
+    ("send", "receive"),
+    ("read", "write"),
+    ("input", "output"),
+    ("uppercase", "lowercase"),
+    ("ascending", "descending"),
+    ("thick", "thin"),
+    ("wet moist", "dry"),
+    ("hot warm heat", "cold cool chill"),
+    ("advantage pro", "disadvantage con drawback"),
+    ("cheap inexpensive", "expensive costly pricey"),
+    ("float", "sink"),
+    ("fast quick", "slow"),
+    ("overactive", "underactive"),
+    ("overweight", "underweight"),
+    ("positive", "negative"),
+    ("accept", "reject"),
+    ("allow permit", "deny forbid"),
+    ("legal", "illegal"),
+    ("healthy", "unhealthy"),
+    ("arrive arrival", "depart departure"),
+)
+# Relation words with an order: "X to Y", "X than Y", "X against Y", "from X".
+RELATIONS = frozenset("to into than from against".split())
+# Units of measure (and currency names) by stem; "100 feet" makes feet what is converted.
+UNITS = {
+    alias: name
+    for name, aliases in {
+        "metre": "metre meter m",
+        "kilometre": "kilometre kilometer km",
+        "centimetre": "centimetre centimeter cm",
+        "millimetre": "millimetre millimeter mm",
+        "mile": "mile mi",
+        "foot": "foot feet ft",
+        "inch": "inch inches in",
+        "yard": "yard yd",
+        "kilogram": "kilogram kilo kg",
+        "gram": "gram g",
+        "milligram": "milligram mg",
+        "pound": "pound lb lbs",
+        "ounce": "ounce oz",
+        "stone": "stone",
+        "ton": "ton tonne",
+        "litre": "litre liter l",
+        "millilitre": "millilitre milliliter ml",
+        "gallon": "gallon gal",
+        "quart": "quart",
+        "pint": "pint",
+        "cup": "cup",
+        "tablespoon": "tablespoon tbsp",
+        "teaspoon": "teaspoon tsp",
+        "celsius": "celsius centigrade",
+        "fahrenheit": "fahrenheit",
+        "kelvin": "kelvin",
+        "second": "second sec",
+        "minute": "minute min",
+        "hour": "hour hr",
+        "byte": "byte",
+        "kilobyte": "kilobyte kb",
+        "megabyte": "megabyte mb",
+        "gigabyte": "gigabyte gb",
+        "terabyte": "terabyte tb",
+        "dollar": "dollar buck",
+        "euro": "euro",
+        "yen": "yen",
+        "acre": "acre",
+        "hectare": "hectare",
+        "calorie": "calorie kcal",
+        "joule": "joule",
+        "watt": "watt",
+        "mph": "mph",
+    }.items()
+    for alias in aliases.split()
+}
+# Words before a unit that make it the quantity converted ("a mile in feet").
+QUANTITY_WORDS = frozenset("a an one per".split())
+# Qualifiers that narrow what a question is about ("green tea", "whole wheat flour"): the
+# scope guard makes them agree. Comparing every content word instead costs most recall.
+MODIFIERS = frozenset(
+    """green black white red brown yellow blue purple whole raw organic vegan vegetarian
+    gluten-free dairy-free decaf decaffeinated frozen fresh dried canned wild sparkling
+    skimmed unsalted salted wireless electric manual remote local private public static
+    dynamic nested async asynchronous recursive multithreaded concurrent""".split()
+)
+# Unit aliases too short or too common to read as a unit unless a number comes first.
+AFTER_NUMBERS_ONLY = frozenset(
+    "m in l g min sec mi ft yd oz lb lbs mg ml km cm mm kb mb gb tb".split()
+)
 
 
 def _canonical_hash(value: object) -> str:
@@ -150,13 +272,99 @@ def _is_entity_word(word: str, starts_sentence: bool) -> bool:
     return not starts_sentence or word[1:] != word[1:].lower()
 
 
+def _stem(word: str) -> str:
+    """A crude stem, the same for "increase", "increases", "increased" and "increasing"."""
+    stem = word.lower().removesuffix("'s")
+    for suffix in ("ing", "ed", "est", "er", "es", "s", "ly"):
+        if stem.endswith(suffix) and len(stem) - len(suffix) >= 3:
+            stem = stem[: -len(suffix)]
+            break
+    if len(stem) > 3 and stem[-1] == stem[-2] and stem[-1] not in "aeiousl":
+        stem = stem[:-1]
+    if stem.endswith("i") and len(stem) > 3:
+        stem = stem[:-1] + "y"
+    return stem.removesuffix("e") if len(stem) > 3 else stem
+
+
+POLES = {
+    _stem(word): f"{row[0].split()[0]}:{side}"
+    for row in ANTONYMS
+    for side, pole in enumerate(row)
+    for word in pole.split()
+}
+UNIT_STEMS = {_stem(alias): name for alias, name in UNITS.items()}
+
+
+def _is_number(word: str) -> bool:
+    return bool(NUMBER.fullmatch(word)) or word.lower() in NUMBER_WORDS
+
+
+def _unit(word: str, after_number: bool) -> str | None:
+    lower = word.lower()
+    if lower in AFTER_NUMBERS_ONLY and not after_number:
+        return None
+    if after_number and len(word) == 3 and word.isupper():
+        return lower  # a currency code: 100 USD
+    return UNITS.get(lower) or UNIT_STEMS.get(_stem(lower))
+
+
+def _order_terms(words: list[tuple[str, bool]]) -> list[str]:
+    """What is converted into what: the unit right after a number (or "a") is the source,
+    other units are targets, so "5 pounds in kilograms" and "how many kilograms are 5
+    pounds" agree while "5 kilograms in pounds" differs. Around a relation word, the
+    nearest entities before and after keep their order ("from Rust to Python")."""
+    sources: list[str] = []
+    targets: list[str] = []
+    for index, (word, _) in enumerate(words):
+        previous = words[index - 1][0] if index else ""
+        after_number = _is_number(previous) or previous.lower() in QUANTITY_WORDS
+        unit = _unit(word, after_number)
+        if unit is not None:
+            (sources if after_number else targets).append(unit)
+    terms: set[str] = set()
+    if sources:
+        terms.update("from:" + unit for unit in sources)
+        terms.update("to:" + unit for unit in targets if unit not in sources)
+    elif len(set(targets)) > 1:  # no quantity: "Celsius to Fahrenheit" keeps its order
+        terms.add(">".join(dict.fromkeys(targets)))
+    entities = [_is_entity_word(w, s) for w, s in words]
+    for index, (word, _) in enumerate(words):
+        if word.lower() not in RELATIONS:
+            continue
+        before = next((i for i in range(index - 1, -1, -1) if entities[i] or words[i + 1][1]), None)
+        after = next((i for i in range(index + 1, len(words)) if entities[i]), None)
+        if before is None or after is None or not entities[before] or words[after][1]:
+            continue
+        if any(words[i][1] for i in range(index + 1, after + 1)):
+            continue
+        first, second = _name_run(words, entities, before), _name_run(words, entities, after)
+        if first not in sources:  # "100 USD to EUR": the quantity rule ordered it
+            terms.add(f"{first}>{second}")
+    return ["order:" + term for term in sorted(terms)]
+
+
+def _name_run(words: list[tuple[str, bool]], entities: list[bool], index: int) -> str:
+    """The whole capitalised run `index` belongs to ("Real Madrid"), lower case."""
+    start = index
+    while start > 0 and entities[start - 1] and not words[start][1]:
+        start -= 1
+    end = index
+    while end + 1 < len(words) and entities[end + 1] and not words[end + 1][1]:
+        end += 1
+    return " ".join(w.lower().removesuffix("'s") for w, _ in words[start : end + 1])
+
+
 def guards(text: str, kinds: Iterable[str] = GUARD_KINDS) -> tuple[str, ...]:
     """The terms two texts must share exactly to match: paraphrases keep them, while a
-    negation, another number, date or named entity changes them.
+    negation, another number, identifier, date or named entity changes them.
 
-    Entities keep their order, so "USD to EUR" differs from "EUR to USD" (a paraphrase
-    that reorders them misses); numbers do not, as paraphrases reorder them more often
-    ("a 30-year loan at 4%", "at 4% for 30 years").
+    Entities and numbers are sets, as paraphrases reorder them ("Using Python, convert
+    CSV to JSON"); the order guard keeps the order that changes the answer: the unit after
+    a number is what is converted ("5 pounds in kilograms"), and entities around a
+    relation word keep their sides ("USD to EUR", "Rust from Python", "Spain than France").
+    The antonym guard needs the same pole of each opposing pair (increase/decrease), the
+    scope guard the same qualifiers ("green tea"). Comparing every content word for scope
+    was measured and dropped: paraphrases reword too much (recall fell to about 0.2).
     """
     wanted = set(kinds)
     words = _words(text)
@@ -172,6 +380,14 @@ def guards(text: str, kinds: Iterable[str] = GUARD_KINDS) -> tuple[str, ...]:
             if NUMBER.fullmatch(word) or word.lower() in NUMBER_WORDS
         ]
         terms.extend("number:" + n for n in sorted(numbers))
+    if "identifiers" in wanted:
+        # Ticket numbers, hashes, versions: "summarise ticket a41f" is not "ticket b77c".
+        identifiers = {
+            word.lower()
+            for word, _ in words
+            if any(c.isdigit() for c in word) and any(c.isalpha() for c in word)
+        }
+        terms.extend("id:" + word for word in sorted(identifiers))
     if "dates" in wanted:
         for word, starts_sentence in words:
             lower = word.lower()
@@ -191,7 +407,16 @@ def guards(text: str, kinds: Iterable[str] = GUARD_KINDS) -> tuple[str, ...]:
             elif is_entity:
                 runs.append([name])
             previous_is_entity = is_entity
-        terms.extend("entity:" + " ".join(run) for run in runs)
+        # A set: the order guard keeps the order that matters ("USD to EUR").
+        terms.extend(sorted({"entity:" + " ".join(run) for run in runs}))
+    if "antonyms" in wanted:
+        poles = {POLES[stem] for stem in (_stem(w) for w, _ in words) if stem in POLES}
+        terms.extend("antonym:" + pole for pole in sorted(poles))
+    if "order" in wanted:
+        terms.extend(_order_terms(words))
+    if "scope" in wanted:
+        modifiers = {w.lower() for w, _ in words if w.lower() in MODIFIERS}
+        terms.extend("scope:" + word for word in sorted(modifiers))
     return tuple(terms)
 
 

@@ -4,11 +4,17 @@ Every pair gets a fresh SemanticIndex: the answer for `a` is stored under the co
 request of one tenant, then `b` (same tenant, same context) is looked up. A hit on a
 paraphrase is right; a hit on a hard negative is a false hit, the error that matters.
 This runs at several thresholds, without guards, with each guard alone and with all.
+
+The committed set (evaluation/pairs/pairs.jsonl) is split in two halves by a hash of each
+pair, its two texts unordered (a narrowed pair and its widened reverse fall together):
+guards and the threshold are tuned on `dev` only, and `test` is reported apart. A file of
+one's own is evaluated whole, unless its pairs carry a "split" field.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +37,21 @@ GUARD_SETS: dict[str, tuple[str, ...]] = {
 TARGET_FALSE_HIT_RATE = 0.005
 TARGET_RECALL = 0.80
 SYSTEM_PROMPT = "You are a helpful assistant."
+SPLITS = ("dev", "test")
+
+
+def split_of(pair: dict[str, Any]) -> str:
+    """`dev` or `test`, from a hash of the pair's texts, whichever comes first."""
+    if "split" in pair:
+        return str(pair["split"])
+    key = "\n".join(sorted((str(pair["a"]), str(pair["b"]))))
+    return SPLITS[hashlib.sha256(key.encode()).digest()[0] % 2]
+
+
+def is_committed_set(path: Path) -> bool:
+    from evaluation.pairs.build import OUT
+
+    return path.resolve() == OUT.resolve()
 
 
 def load_pairs(path: Path) -> list[dict[str, Any]]:
@@ -99,13 +120,33 @@ def summarise(pairs: list[dict[str, Any]], hits: list[bool]) -> dict[str, Any]:
     }
 
 
+def evaluate_splits(
+    pairs: list[dict[str, Any]],
+    vectors: dict[str, Vector],
+    thresholds: Sequence[float],
+    split: bool,
+) -> dict[str, Any]:
+    """`evaluate` on all pairs and, when `split`, on each half; the recommended threshold
+    then comes from dev alone."""
+    report = evaluate(pairs, vectors, thresholds)
+    if not split:
+        return report
+    report["splits"] = {
+        name: evaluate([p for p in pairs if split_of(p) == name], vectors, thresholds)
+        for name in SPLITS
+    }
+    report["recommended_threshold"] = report["splits"]["dev"]["recommended_threshold"]
+    report["recommended_from"] = "dev"
+    return report
+
+
 def evaluate(
     pairs: list[dict[str, Any]], vectors: dict[str, Vector], thresholds: Sequence[float]
 ) -> dict[str, Any]:
     """Numbers per guard set and threshold, and the threshold that meets the target."""
     grid: dict[str, list[dict[str, Any]]] = {}
     runs = [(name, t) for name in GUARD_SETS for t in thresholds]
-    for name, threshold in tqdm(runs, desc="evaluating", unit="run"):
+    for name, threshold in tqdm(runs, desc="evaluating", unit="run", leave=False):
         hits = [decide(pair, vectors, threshold, GUARD_SETS[name]) for pair in pairs]
         grid.setdefault(name, []).append({"threshold": threshold, **summarise(pairs, hits)})
     meeting = [r for r in grid["all"] if r["false_hit_rate"] <= TARGET_FALSE_HIT_RATE]
@@ -132,6 +173,7 @@ def decisions(
                 "guards_b": list(guards(b)),
                 "hit_without_guards": decide(pair, vectors, threshold, ()),
                 "hit_with_guards": decide(pair, vectors, threshold, GUARD_KINDS),
+                "split": split_of(pair),
             }
         )
     return rows
@@ -142,6 +184,18 @@ def at(report: dict[str, Any], guard_set: str, threshold: float) -> dict[str, An
 
 
 def table(report: dict[str, Any], threshold: float) -> str:
+    """Per split (when split), then on all pairs: the sweep, per kind and per guard."""
+    parts = [
+        f"== {name} ({part['pairs']} pairs)\n{_table(part, threshold)}"
+        for name, part in report.get("splits", {}).items()
+    ]
+    parts.append(f"== all ({report['pairs']} pairs)\n{_table(report, threshold)}")
+    if "splits" in report:
+        parts.append(f"recommended threshold (from dev): {report['recommended_threshold']}")
+    return "\n\n".join(parts)
+
+
+def _table(report: dict[str, Any], threshold: float) -> str:
     """Threshold sweep without and with guards, then per kind and per guard at `threshold`."""
     lines = ["threshold | no guards: recall  FHR     prec  | all guards: recall  FHR     prec"]
     for plain, guarded in zip(report["by_guards"]["none"], report["by_guards"]["all"], strict=True):
@@ -175,34 +229,42 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    parts = report.get("splits", {"all": report})
+    figure, axes = plt.subplots(len(parts), 2, figsize=(12, 4.5 * len(parts)), squeeze=False)
+    for (name, part), (left, right) in zip(parts.items(), axes, strict=True):
+        _plot_part(part, name, left, right)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_part(report: dict[str, Any], split: str, left: Any, right: Any) -> None:
     for name, style in (("none", "--"), ("all", "-")):
         rows = report["by_guards"][name]
         xs = [r["threshold"] for r in rows]
         left.plot(xs, [r["precision"] for r in rows], style, label=f"precision ({name} guards)")
         left.plot(xs, [r["recall"] for r in rows], style, label=f"recall ({name} guards)")
     left.axhline(TARGET_RECALL, color="grey", linewidth=0.8)
-    left.set(xlabel="cosine threshold", ylabel="share", title="paraphrases")
+    left.set(xlabel="cosine threshold", ylabel="share", title=f"paraphrases ({split})")
     left.legend(fontsize=8)
     for name, rows in report["by_guards"].items():
         xs = [r["threshold"] for r in rows]
         right.plot(xs, [r["false_hit_rate"] for r in rows], label=f"{name} guards")
     right.axhline(TARGET_FALSE_HIT_RATE, color="grey", linewidth=0.8, label="0.5 % target")
-    right.set(xlabel="cosine threshold", ylabel="false-hit rate", title="hard negatives")
+    right.set(xlabel="cosine threshold", ylabel="false-hit rate", title=f"hard negatives ({split})")
     right.set_yscale("symlog", linthresh=0.01)
-    right.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    right.legend(fontsize=6)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    pairs = load_pairs(Path(args.pairs))
+    path = Path(args.pairs)
+    pairs = load_pairs(path)
     encoder = Encoder(Path(settings.embedding.path), settings.engine.device)
     vectors = embed(encoder, [text for p in pairs for text in (p["a"], p["b"])])
     threshold = settings.semantic.threshold
-    report = evaluate(pairs, vectors, sorted({*THRESHOLDS, threshold}))
+    split = is_committed_set(path) or any("split" in p for p in pairs)
+    report = evaluate_splits(pairs, vectors, sorted({*THRESHOLDS, threshold}), split)
     report["default_threshold"] = threshold
     report["decisions"] = decisions(pairs, vectors, threshold)
     print(table(report, threshold))

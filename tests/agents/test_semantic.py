@@ -86,6 +86,20 @@ def test_shared_namespace_only_when_configured() -> None:
         ("Weather in Oslo in March?", "Weather in Oslo in June?"),
         ("Convert 100 USD to EUR.", "Convert 100 EUR to USD."),
         ("What is the capital of France?", "What is the capital of Spain?"),
+        # antonyms
+        ("How do I increase the heap size?", "How do I decrease the heap size?"),
+        ("How do I encrypt a file with GPG?", "How do I decrypt a file with GPG?"),
+        ("Find the minimum of a list", "Find the maximum of a list"),
+        # order: the unit after a number is converted; entities keep their side of "to"
+        ("What is 5 kilograms in pounds?", "What is 5 pounds in kilograms?"),
+        ("How many metres are in 100 feet?", "What is 100 metres in feet?"),
+        ("How do I call Rust code from Python?", "How do I call Python code from Rust?"),
+        # scope
+        ("What are the health benefits of tea?", "What are the health benefits of green tea?"),
+        # identifiers: tickets, hashes, versions
+        ("Summarise ticket a41f for me", "Summarise ticket b77c for me"),
+        ("warm-up 3f2ab6c1-55d9", "warm-up 9e0cd417-07aa"),
+        ("What changed in Python 3.12?", "What changed in Python 3.13?"),
     ],
 )
 def test_guards_catch_what_cosine_misses(a: str, b: str) -> None:
@@ -99,6 +113,12 @@ def test_guards_catch_what_cosine_misses(a: str, b: str) -> None:
         ("Round to two decimal places in Python", "How do I round to 2 decimal places in Python?"),
         ("What's 1,000 USD in EUR?", "Convert 1000 USD to EUR."),
         ("Explain Docker volumes.", "What are Docker volumes?"),
+        ("How do I increase the heap size?", "How can I raise the heap size?"),
+        ("Which export formats exist?", "What formats can I export to?"),
+        ("What is 5 pounds in kilograms?", "5 pounds is how many kilograms?"),
+        ("How many kilograms are in 5 pounds?", "Convert 5 pounds to kilograms."),
+        ("Using Python, how can I convert CSV to JSON?", "Convert CSV to JSON in Python."),
+        ("Is green tea healthy?", "Is drinking green tea healthy?"),
     ],
 )
 def test_guards_keep_paraphrases(a: str, b: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from agents.semantic import GUARD_KINDS
 from evaluation.pairs.build import OUT, build
-from evaluation.pairs.evaluate import decide, embed, load_pairs, summarise
+from evaluation.pairs.evaluate import decide, embed, load_pairs, split_of, summarise
 from inference.encoder import Encoder
 from llmflow.cli import main
 from models.embedding import ensure_embedding_model
@@ -66,16 +66,47 @@ def test_eval_pairs_on_a_sample(tmp_path: Path, pairs: list[dict[str, object]]) 
             assert 0.0 <= row["false_hit_rate"] <= 1.0
 
 
-def test_guards_and_default_threshold_on_the_committed_set(
-    encoder: Encoder, pairs: list[dict[str, object]]
+def test_split_is_stable_and_keeps_a_pair_with_its_reverse(
+    pairs: list[dict[str, object]],
 ) -> None:
-    """What the set shows: recall holds the target and the guards stop every negation,
-    changed number, date and entity; antonyms and swapped lowercase terms still hit."""
-    vectors = embed(encoder, [str(t) for p in pairs for t in (p["a"], p["b"])])
-    threshold = Settings().semantic.threshold
-    hits = [decide(p, vectors, threshold, GUARD_KINDS) for p in pairs]
-    report = summarise(pairs, hits)
-    assert report["recall"] >= 0.80
-    for kind in ("negation", "changed_number", "changed_date", "changed_entity"):
+    halves = Counter(split_of(p) for p in pairs)
+    assert set(halves) == {"dev", "test"}
+    assert min(halves.values()) >= 0.4 * len(pairs)
+    for pair in pairs:
+        assert split_of(pair) == split_of(pair | {"a": pair["b"], "b": pair["a"]})
+
+
+def test_sample_without_split_is_evaluated_whole(
+    tmp_path: Path, pairs: list[dict[str, object]]
+) -> None:
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(p) + "\n" for p in pairs[::60]))
+    out = tmp_path / "report.json"
+    assert main(["eval-pairs", "--pairs", str(source), "--json", str(out)]) == 0
+    assert "splits" not in json.loads(out.read_text())
+
+
+# Chosen on the dev half: the lowest threshold where all guards keep dev's hard-negative
+# false-hit rate at or under 0.5 % (dev: recall 0.906, no false hit).
+RECOMMENDED_THRESHOLD = 0.83
+
+
+def test_guards_on_the_test_half(encoder: Encoder, pairs: list[dict[str, object]]) -> None:
+    """What the held-out half shows at the dev-chosen threshold: recall 0.903 and
+    precision 0.988 (target recall >= 0.80 met), every negation, changed number, date,
+    entity, swap and scope change stopped. The false-hit target (<= 0.5 %) is NOT met:
+    2 of 222 hard negatives (0.9 %) still hit, two antonyms the curated list leaves out
+    (rise/fall, causes/effects: on dev those words cost paraphrases)."""
+    test = [p for p in pairs if split_of(p) == "test"]
+    vectors = embed(encoder, [str(t) for p in test for t in (p["a"], p["b"])])
+    hits = [decide(p, vectors, RECOMMENDED_THRESHOLD, GUARD_KINDS) for p in test]
+    report = summarise(test, hits)
+    assert report["recall"] >= 0.88
+    assert report["precision"] >= 0.98
+    assert report["false_hits"] <= 2
+    assert report["false_hit_rate"] <= 0.01
+    for kind in NEGATIVE_KINDS:
         assert report["kinds"][kind]["hits"] == 0
-    assert report["false_hit_rate"] > 0.005
+    # At the current default threshold (0.86) recall still holds the target.
+    hits = [decide(p, vectors, Settings().semantic.threshold, GUARD_KINDS) for p in test]
+    assert summarise(test, hits)["recall"] >= 0.80
