@@ -1,7 +1,11 @@
-"""Cache lookup: exact answers by fingerprint, L1 in a faust Table, L2 in a shared store.
+"""Cache lookup: exact answers by fingerprint, L1 in a faust Table, L2 in a shared store;
+then, when `semantic.enabled`, near-repeats from the worker's semantic index.
 
-The fingerprint includes the tenant, so one tenant's answer never serves another. A hit
-goes to postprocess like a model's answer would, so followers waiting on it are released.
+The fingerprint includes the tenant, so one tenant's answer never serves another; the
+semantic index matches only within one context key (tenant or shared namespace, model,
+system prompt, params, tools and the earlier conversation), on the last user turn's
+embedding and its exact guard terms. A hit goes to postprocess like a model's answer
+would, so followers waiting on it are released.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from faust.types import EventT
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from schemas.messages import Envelope, Result, Status
+from agents.preprocess import last_user_turn
+from agents.semantic import SemanticIndex, context_key, namespace
+from schemas.messages import Envelope, Result, Status, decode_embedding
 from streams import metrics
 from streams.app import Pipeline
-from topology.settings import CacheSettings
+from topology.settings import CacheSettings, SemanticCacheSettings
 
 STAGE = "cache"
 TABLE = "cache-exact"
+SEMANTIC = "cache-semantic"
 log = logging.getLogger(__name__)
 
 
@@ -86,6 +93,54 @@ def exact_cache(pipeline: Pipeline) -> ExactCache:
     )
 
 
+class SemanticCache:
+    """The semantic layer over `SemanticIndex`: which requests it can match, and how.
+
+    The index lives in the worker's memory, so it holds what this worker's partitions
+    answered; a request without an embedding or a user turn is only matched exactly.
+    """
+
+    def __init__(self, settings: SemanticCacheSettings) -> None:
+        self.settings = settings
+        self.index: SemanticIndex[Result] = SemanticIndex(settings)
+
+    def _query(self, envelope: Envelope) -> tuple[str, str] | None:
+        text = last_user_turn(envelope.request)
+        if envelope.embedding is None or text is None:
+            return None
+        return context_key(envelope.request, self.settings.shared_namespaces), text
+
+    def lookup(self, envelope: Envelope, now: float) -> Result | None:
+        query = self._query(envelope)
+        if query is None:
+            return None
+        context, text = query
+        space = namespace(envelope.request, self.settings.shared_namespaces)
+        vector = decode_embedding(envelope.embedding or "")
+        match = self.index.lookup(context, vector, text, now, self.settings.threshold_for(space))
+        if match is None:
+            return None
+        result = match.answer.model_copy(deep=True)
+        result.cache_kind = "semantic"
+        return result
+
+    def store(self, envelope: Envelope, ttl_s: float, now: float) -> None:
+        query = self._query(envelope)
+        if query is None or envelope.result is None:
+            return
+        context, text = query
+        vector = decode_embedding(envelope.embedding or "")
+        self.index.add(context, vector, text, envelope.result.model_copy(deep=True), now, ttl_s)
+
+
+def semantic_cache(pipeline: Pipeline) -> SemanticCache | None:
+    """The worker's one semantic layer, shared by cache and postprocess; None when off."""
+    settings = pipeline.settings.semantic
+    if not settings.enabled:
+        return None
+    return pipeline.shared(SEMANTIC, lambda: SemanticCache(settings))
+
+
 async def read_l2(pipeline: Pipeline, key: str) -> Result | None:
     try:
         raw = await pipeline.cache_store.get(key)
@@ -112,6 +167,7 @@ async def write_l2(pipeline: Pipeline, key: str, result: Result, ttl_s: float) -
 
 def attach(pipeline: Pipeline) -> None:
     cache = exact_cache(pipeline)
+    semantic = semantic_cache(pipeline)
     ttl_s = pipeline.settings.cache.ttl_s
 
     async def cache_lookup(event: EventT[bytes], envelope: Envelope) -> None:
@@ -131,11 +187,16 @@ def attach(pipeline: Pipeline) -> None:
             if result is not None:
                 result.cache_tier = "l2"
                 cache.store(key, result, envelope.request.cache.ttl_s or ttl_s, now, partition)
+        if result is None and semantic is not None:
+            result = semantic.lookup(envelope, now)
+            if result is not None:
+                result.cache_tier = "l1"
         if result is None:
             metrics.stage_events.labels(STAGE, "miss").inc()
             await pipeline.send("route", envelope)
             return
-        metrics.stage_events.labels(STAGE, f"hit_{result.cache_tier}").inc()
+        kind = result.cache_kind or "exact"
+        metrics.stage_events.labels(STAGE, f"hit_{kind}_{result.cache_tier}").inc()
         envelope.result = result
         envelope.status = Status.CACHED
         await pipeline.send("postprocess", envelope)

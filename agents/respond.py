@@ -43,7 +43,7 @@ def build_response(envelope: Envelope, now: float) -> LLMResponse:
         response.model = result.model or envelope.model
         response.usage = result.usage
         if result.cache_tier is not None:
-            response.cache_kind = "exact"
+            response.cache_kind = result.cache_kind or "exact"
             response.cache_tier = result.cache_tier
         # Only the call that reached a model costs money; cache hits and merges are free.
         response.cost_usd = result.cost_usd if status == Status.OK else 0.0

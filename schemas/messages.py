@@ -131,7 +131,7 @@ class LLMResponse(WireModel):
     output: str | None = None
     finish_reason: str | None = None
     model: str | None = None
-    cache_kind: Literal["exact"] | None = None
+    cache_kind: Literal["exact", "semantic"] | None = None
     cache_tier: Literal["l1", "l2"] | None = None
     merged_with: str | None = None
     usage: Usage = Field(default_factory=Usage)
@@ -182,6 +182,7 @@ class Result(BaseModel):
     model: str | None = None
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
+    cache_kind: Literal["exact", "semantic"] | None = None
     cache_tier: Literal["l1", "l2"] | None = None
     error: ErrorInfo | None = None
     streamed_chunks: int = Field(

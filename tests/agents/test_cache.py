@@ -1,14 +1,24 @@
-"""ExactCache over a dict (TTL, per-partition LRU) and the `cacheable` rule."""
+"""ExactCache over a dict (TTL, per-partition LRU), the `cacheable` rule, and the semantic
+layer: what it serves and what it never does."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
-from agents.cache import ExactCache, cacheable
-from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
-from topology.settings import CacheSettings
+from agents.cache import ExactCache, SemanticCache, cacheable
+from schemas.messages import (
+    Envelope,
+    ErrorCode,
+    LLMRequest,
+    Result,
+    Status,
+    Usage,
+    encode_embedding,
+)
+from topology.settings import CacheSettings, EmbeddingSettings, SemanticCacheSettings, Settings
 
 
 def result(output: str = "Paris", finish_reason: str | None = "stop") -> Result:
@@ -140,3 +150,74 @@ def test_errors_are_not_cacheable() -> None:
     env = envelope(Status.OK, result())
     env.fail(ErrorCode.UPSTREAM_ERROR, "http_500", "boom")
     assert cacheable(env) is False
+
+
+def near(vector: np.ndarray, cosine: float, seed: int = 0) -> np.ndarray:
+    """A unit vector at exactly `cosine` from unit `vector`."""
+    noise = np.random.default_rng(seed).normal(size=vector.shape)
+    noise -= (noise @ vector) * vector
+    noise /= np.linalg.norm(noise)
+    return cosine * vector + np.sqrt(1 - cosine**2) * noise
+
+
+BASE = np.eye(384, dtype=np.float32)[0]
+
+
+def asking(
+    text: str, vector: np.ndarray | None, tenant: str = "acme", earlier: str = "hello"
+) -> Envelope:
+    request = LLMRequest(
+        id=f"r-{tenant}-{text}",
+        tenant=tenant,
+        messages=[
+            {"role": "user", "content": earlier},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": text},
+        ],
+    )
+    embedding = None if vector is None else encode_embedding(vector)
+    return Envelope(request=request, embedding=embedding, result=result(), status=Status.OK)
+
+
+@pytest.fixture
+def semantic() -> SemanticCache:
+    return SemanticCache(SemanticCacheSettings(enabled=True, threshold=0.9))
+
+
+def test_a_near_repeat_is_served_as_a_semantic_copy(semantic: SemanticCache) -> None:
+    stored = asking("How do I reverse a list in Python?", BASE)
+    semantic.store(stored, ttl_s=60.0, now=0.0)
+    hit = semantic.lookup(asking("How can I reverse a Python list?", near(BASE, 0.95)), 1.0)
+    assert hit is not None and hit.cache_kind == "semantic" and hit.output == "Paris"
+    hit.output = "changed"
+    again = semantic.lookup(asking("How can I reverse a Python list?", near(BASE, 0.95)), 1.0)
+    assert again is not None and again.output == "Paris"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        asking("How can I reverse a Python list?", near(BASE, 0.85)),  # below threshold
+        asking("How can I reverse a Python list?", None),  # no embedding
+        asking("How can I reverse a Python list?", near(BASE, 0.99), tenant="globex"),
+        asking("How can I reverse a Python list?", near(BASE, 0.99), earlier="bye"),
+        asking("How do I not reverse a list in Python?", near(BASE, 0.99)),  # negation
+        asking("How do I reverse 2 lists in Python?", near(BASE, 0.99)),  # a number
+    ],
+)
+def test_what_the_semantic_layer_never_serves(semantic: SemanticCache, other: Envelope) -> None:
+    semantic.store(asking("How do I reverse a list in Python?", BASE), ttl_s=60.0, now=0.0)
+    assert semantic.lookup(other, 1.0) is None
+
+
+def test_semantic_entries_expire(semantic: SemanticCache) -> None:
+    semantic.store(asking("How do I reverse a list in Python?", BASE), ttl_s=5.0, now=0.0)
+    assert semantic.lookup(asking("How do I reverse a list in Python?", BASE), 6.0) is None
+
+
+def test_the_semantic_layer_needs_embeddings() -> None:
+    with pytest.raises(ValueError, match=r"needs embedding\.enabled"):
+        Settings(semantic=SemanticCacheSettings(enabled=True))
+    Settings(
+        semantic=SemanticCacheSettings(enabled=True), embedding=EmbeddingSettings(enabled=True)
+    )

@@ -89,13 +89,14 @@ def pipeline_settings(
             "provider_url": f"{provider.base_url}/v1",
             "ratelimit": ratelimit,
             "embedding": settings.embedding.model_copy(update={"enabled": embed}),
+            "semantic": settings.semantic.model_copy(update={"enabled": embed}),
         }
     )
 
 
 def pipeline_fixture(broker: str, workers: int, redis_db: int, embed: bool = False) -> Any:
     """A session fixture running the whole pipeline on `broker` with `workers` workers;
-    `embed` has preprocess embed every request."""
+    `embed` has preprocess embed every request and the cache serve near-repeats."""
 
     @pytest.fixture(scope="session")
     def running_pipeline(
