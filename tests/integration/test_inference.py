@@ -21,11 +21,10 @@ from schemas.messages import (
     Envelope,
     GenerationParams,
     Status,
-    StreamChunk,
     decode_embedding,
 )
 from tests.integration.conftest import RunningPipeline
-from tests.integration.test_pipeline import read_topic
+from tests.integration.test_pipeline import read_topic, streamed_chunks
 
 pytestmark = pytest.mark.integration
 
@@ -61,16 +60,7 @@ async def test_a_streamed_zoo_answer_arrives_token_by_token(
     )
     response = await client.call(request, timeout=120)
     assert response.status is Status.OK, response
-    chunks = [
-        StreamChunk.model_validate_json(v)
-        for v in await read_topic(
-            pipeline.settings.bootstrap_servers,
-            pipeline.settings.topics.stream.name,
-            wanted=100_000,
-            timeout=5,
-        )
-    ]
-    mine = sorted((c for c in chunks if c.id == request.id), key=lambda c: c.index)
+    mine = await streamed_chunks(pipeline, request.id)
     assert [c.index for c in mine] == list(range(len(mine)))
     assert mine[-1].done and not any(c.done for c in mine[:-1])
     assert len(mine) - 1 == len(response.output or "")  # a chunk per character token

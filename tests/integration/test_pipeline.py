@@ -70,6 +70,18 @@ async def read_topic(bootstrap: str, topic: str, wanted: int, timeout: float) ->
     return values
 
 
+async def streamed_chunks(pipeline: RunningPipeline, request_id: str) -> list[StreamChunk]:
+    """The stream topic's chunks of one request, in index order."""
+    values = await read_topic(
+        pipeline.settings.bootstrap_servers,
+        pipeline.settings.topics.stream.name,
+        wanted=100_000,
+        timeout=5,
+    )
+    chunks = (StreamChunk.model_validate_json(v) for v in values)
+    return sorted((c for c in chunks if c.id == request_id), key=lambda c: c.index)
+
+
 def check_duplicates_and_repeats(
     first_wave: list[LLMRequest], answers: dict[str, LLMResponse]
 ) -> Counter[str]:
@@ -240,16 +252,7 @@ async def test_streamed_request_gets_chunks_then_its_response(
     request = new_request(f"stream this {uuid.uuid4()}", "acme", stream=True)
     response = await client.call(request, timeout=60)
     assert response.status is Status.OK and response.output
-    chunks = [
-        StreamChunk.model_validate_json(v)
-        for v in await read_topic(
-            pipeline.settings.bootstrap_servers,
-            pipeline.settings.topics.stream.name,
-            wanted=10_000,
-            timeout=5,
-        )
-    ]
-    mine = sorted((c for c in chunks if c.id == request.id), key=lambda c: c.index)
+    mine = await streamed_chunks(pipeline, request.id)
     assert mine and mine[-1].done
     assert "".join(c.delta for c in mine) == response.output
 
