@@ -83,12 +83,15 @@ class Summary:
         by_status = Counter(r.status.value for r in self.responses)
         errors = Counter(r.error.code.value for r in self.responses if r.error)
         cost = sum(r.cost_usd for r in self.responses)
+        cached = [r for r in self.responses if r.status is Status.CACHED]
+        cache_kinds = Counter(r.cache_kind for r in cached)
         rows = [
             ("requests", str(len(self.responses) + self.missing)),
             ("answered", str(len(self.responses))),
             *((f"status {s}", str(by_status.get(s, 0))) for s in (x.value for x in Status)),
             *((f"error {code}", str(n)) for code, n in sorted(errors.items())),
             ("cache hits", str(by_status.get(Status.CACHED.value, 0))),
+            *((f"  {kind}", str(cache_kinds[kind])) for kind in ("exact", "semantic")),
             ("merges", str(by_status.get(Status.MERGED.value, 0))),
             ("model calls", str(by_status.get(Status.OK.value, 0))),
             ("missing (no answer)", str(self.missing)),

@@ -34,12 +34,14 @@ def test_summary_counts_statuses_and_percentiles() -> None:
     responses = [
         LLMResponse(id="a", status=Status.OK, cost_usd=0.5, stage_latency_ms={"infer": 10.0}),
         LLMResponse(id="b", status=Status.CACHED, cache_kind="exact"),
-        LLMResponse(id="c", status=Status.MERGED, merged_with="a"),
+        LLMResponse(id="c", status=Status.MERGED, merged_with="a", cache_kind="exact"),
+        LLMResponse(id="d", status=Status.CACHED, cache_kind="semantic"),
     ]
     summary = Summary(responses=responses, latencies_ms=[10.0, 20.0, 30.0], missing=1)
     rows = dict(re.split(r"\s{2,}", line.strip()) for line in summary.table().splitlines())
-    assert rows["requests"] == "4" and rows["answered"] == "3"
-    assert rows["cache hits"] == "1" and rows["merges"] == "1" and rows["model calls"] == "1"
+    assert rows["requests"] == "5" and rows["answered"] == "4"
+    assert rows["cache hits"] == "2" and rows["merges"] == "1" and rows["model calls"] == "1"
+    assert rows["exact"] == "1" and rows["semantic"] == "1"  # a merge of a hit is no hit
     assert rows["missing (no answer)"] == "1"
     assert rows["latency p50 ms"] == "20.0"
     assert rows["infer p50 ms"] == "10.0"
