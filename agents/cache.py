@@ -187,8 +187,10 @@ def attach(pipeline: Pipeline) -> None:
             if result is not None:
                 result.cache_tier = "l2"
                 cache.store(key, result, envelope.request.cache.ttl_s or ttl_s, now, partition)
+        metrics.count_cache_lookup("exact", result is not None)
         if result is None and semantic is not None:
             result = semantic.lookup(envelope, now)
+            metrics.count_cache_lookup("semantic", result is not None)
             if result is not None:
                 result.cache_tier = "l1"
         if result is None:

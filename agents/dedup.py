@@ -110,6 +110,7 @@ def attach(pipeline: Pipeline) -> None:
     async def dedup(_event: EventT[bytes], envelope: Envelope) -> None:
         admission = registry.admit(envelope, envelope.stage_entered_at)
         metrics.stage_events.labels(STAGE, admission.value).inc()
+        metrics.recent_merges.add(admission is Admission.FOLLOW)
         if admission is not Admission.FOLLOW:
             await pipeline.send("cache", envelope)
 

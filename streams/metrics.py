@@ -1,8 +1,11 @@
-"""Prometheus metrics every worker exposes: per-stage latency and terminal outcomes."""
+"""Prometheus metrics every worker exposes: per-stage latency, terminal outcomes, and the
+cache and merge rates."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from collections import deque
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (
     0.001,
@@ -47,6 +50,52 @@ batch_size = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+
+
+cache_lookups = Counter(
+    "llmflow_cache_lookups_total", "Cache lookups by kind and outcome", ["kind", "outcome"]
+)
+cache_hit_rate_by_type = Gauge(
+    "llmflow_cache_hit_rate_by_type",
+    "Share of this worker's recent lookups of each cache kind that hit",
+    ["kind"],
+)
+request_deduplication_rate = Gauge(
+    "llmflow_request_deduplication_rate",
+    "Share of this worker's recent requests that waited on an identical one in flight",
+)
+RECENT = 1000
+
+
+class RecentShare:
+    """The share of true outcomes among the last `size`: a rate that follows the
+    present, where a ratio of counters since start would barely move."""
+
+    def __init__(self, gauge: Gauge, size: int = RECENT) -> None:
+        self.gauge = gauge
+        self.outcomes: deque[bool] = deque(maxlen=size)
+        self.true = 0
+
+    def add(self, outcome: bool) -> float:
+        if len(self.outcomes) == self.outcomes.maxlen and self.outcomes[0]:
+            self.true -= 1
+        self.outcomes.append(outcome)
+        self.true += outcome
+        share = self.true / len(self.outcomes)
+        self.gauge.set(share)
+        return share
+
+
+recent_hits: dict[str, RecentShare] = {}
+recent_merges = RecentShare(request_deduplication_rate)
+
+
+def count_cache_lookup(kind: str, hit: bool) -> None:
+    cache_lookups.labels(kind, "hit" if hit else "miss").inc()
+    share = recent_hits.get(kind)
+    if share is None:
+        share = recent_hits[kind] = RecentShare(cache_hit_rate_by_type.labels(kind))
+    share.add(hit)
 
 
 def serve(port: int) -> None:

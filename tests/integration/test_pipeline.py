@@ -291,6 +291,10 @@ async def test_workers_serve_stage_latency_and_status_metrics(
         assert total("llmflow_stage_latency_seconds_count", stage=stage) > 0, stage
     assert total("llmflow_responses_total", status="ok", code="") > 0
     assert total("llmflow_request_latency_seconds_count", status="ok") > 0
+    assert total("llmflow_cache_lookups_total", kind="exact", outcome="miss") > 0
+    hit_rates = [s[k] for s in samples for k in s if k[0] == "llmflow_cache_hit_rate_by_type"]
+    merge_rates = [s[k] for s in samples for k in s if k[0] == "llmflow_request_deduplication_rate"]
+    assert hit_rates and all(0.0 <= rate <= 1.0 for rate in hit_rates + merge_rates)
 
 
 async def test_cli_submit_prints_the_answer(
