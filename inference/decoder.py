@@ -21,9 +21,8 @@ from typing import Any, TypeAlias
 
 import numpy as np
 from onnxruntime import OrtValue
-from tokenizers import Tokenizer
 
-from inference.runtime import GPU_PROVIDERS, Device, ModelLoadError, open_session
+from inference.runtime import GPU_PROVIDERS, Device, ModelLoadError, open_session, open_tokenizer
 
 OnToken = Callable[[str], Awaitable[None]]
 Array = np.ndarray[Any, Any]
@@ -192,10 +191,7 @@ class DecoderModel:
         pad = config.get("pad_token_id")
         self.pad = int(pad if pad is not None else min(self.eos))
         self.max_positions = int(config.get("max_position_embeddings") or 1 << 30)
-        try:
-            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as exc:
-            raise ModelLoadError(f"{folder / 'tokenizer.json'} could not be loaded: {exc}") from exc
+        self.tokenizer = open_tokenizer(folder / "tokenizer.json")
         self.session = open_session(folder / "model.onnx", device, intra_op_threads)
         on_gpu = self.session.get_providers()[0] in GPU_PROVIDERS
         self.cache_device = "cuda" if on_gpu else "cpu"

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from inference.runtime import Device, ModelLoadError, open_session
+from inference.runtime import Device, ModelLoadError, open_session, open_tokenizer
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,12 +47,7 @@ def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
 
     tokenizer.json as shipped pads and truncates to a fixed 128; both are reset here.
     """
-    if not path.is_file():
-        raise ModelLoadError(f"tokenizer file {path} does not exist; run `make models`")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise ModelLoadError(f"tokenizer file {path} could not be loaded: {exc}") from exc
+    tokenizer = open_tokenizer(path)
     tokenizer.enable_truncation(max_length=max_tokens)
     tokenizer.no_padding()
     return tokenizer

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 Device = Literal["auto", "cpu", "cuda"]
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -59,3 +60,13 @@ def open_session(
         raise
     except Exception as exc:
         raise ModelLoadError(f"model file {path} could not be loaded: {exc}") from exc
+
+
+def open_tokenizer(path: Path) -> Tokenizer:
+    """A model's tokenizer.json, or ModelLoadError saying what is wrong with the file."""
+    if not path.is_file():
+        raise ModelLoadError(f"tokenizer file {path} does not exist; run `make models`")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"tokenizer file {path} could not be loaded: {exc}") from exc
