@@ -15,11 +15,12 @@ from collections import OrderedDict
 from collections.abc import MutableMapping
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from faust.types import EventT
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from agents.preprocess import last_user_turn
 from agents.semantic import SemanticIndex, context_key, namespace
 from schemas.messages import Envelope, Result, Status, decode_embedding
 from streams import metrics
@@ -104,19 +105,20 @@ class SemanticCache:
         self.settings = settings
         self.index: SemanticIndex[Result] = SemanticIndex(settings)
 
-    def _query(self, envelope: Envelope) -> tuple[str, str] | None:
-        text = last_user_turn(envelope.request)
+    def _query(self, envelope: Envelope) -> tuple[str, npt.NDArray[np.float32], str] | None:
+        """The context key, embedding and text to match on, if the request has them."""
+        text = envelope.request.last_user_turn()
         if envelope.embedding is None or text is None:
             return None
-        return context_key(envelope.request, self.settings.shared_namespaces), text
+        context = context_key(envelope.request, self.settings.shared_namespaces)
+        return context, decode_embedding(envelope.embedding), text
 
     def lookup(self, envelope: Envelope, now: float) -> Result | None:
         query = self._query(envelope)
         if query is None:
             return None
-        context, text = query
+        context, vector, text = query
         space = namespace(envelope.request, self.settings.shared_namespaces)
-        vector = decode_embedding(envelope.embedding or "")
         match = self.index.lookup(context, vector, text, now, self.settings.threshold_for(space))
         if match is None:
             return None
@@ -128,8 +130,7 @@ class SemanticCache:
         query = self._query(envelope)
         if query is None or envelope.result is None:
             return
-        context, text = query
-        vector = decode_embedding(envelope.embedding or "")
+        context, vector, text = query
         self.index.add(context, vector, text, envelope.result.model_copy(deep=True), now, ttl_s)
 
 

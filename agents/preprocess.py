@@ -27,7 +27,6 @@ from schemas.messages import (
     ErrorInfo,
     LLMRequest,
     LLMResponse,
-    Role,
     Status,
     dump,
     encode_embedding,
@@ -210,14 +209,6 @@ class Preprocessor:
         return InvalidRequest(reason, message, request_id, reply_topic)
 
 
-def last_user_turn(request: LLMRequest) -> str | None:
-    """What the request asks now: the text that near-duplicate requests share."""
-    for message in reversed(request.messages):
-        if message.role is Role.USER:
-            return message.content
-    return None
-
-
 def shared_encoder(pipeline: Pipeline) -> Encoder:
     """The worker's one embedding model, exported first if this machine lacks it."""
     settings = pipeline.settings
@@ -240,7 +231,7 @@ async def embed_last_user_turns(encoder: Encoder, envelopes: list[Envelope]) -> 
     A failure leaves the envelopes without an embedding: later stages then fall back to
     exact matching, which is better than losing or delaying the requests.
     """
-    asking = [(e, text) for e in envelopes if (text := last_user_turn(e.request)) is not None]
+    asking = [(e, text) for e in envelopes if (text := e.request.last_user_turn()) is not None]
     if not asking:
         return
     try:

@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from schemas.messages import LLMRequest, Role
+from schemas.messages import LLMRequest
 from topology.settings import SemanticCacheSettings
 
 T = TypeVar("T")
@@ -203,13 +203,6 @@ def _canonical_hash(value: object) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
-def _last_user_index(request: LLMRequest) -> int | None:
-    for index in range(len(request.messages) - 1, -1, -1):
-        if request.messages[index].role is Role.USER:
-            return index
-    return None
-
-
 def _shared(request: LLMRequest, shared_namespaces: Collection[str]) -> str | None:
     asked = request.metadata.get("cache_namespace")
     return asked if asked is not None and asked in shared_namespaces else None
@@ -229,7 +222,7 @@ def context_key(request: LLMRequest, shared_namespaces: Collection[str]) -> str:
     """
     shared = _shared(request, shared_namespaces)
     scope = ["tenant", request.tenant] if shared is None else ["shared", shared]
-    last = _last_user_index(request)
+    last = request.last_user_index()
     messages = [
         [
             m.role.value,

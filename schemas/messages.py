@@ -88,6 +88,18 @@ class LLMRequest(WireModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)
 
+    def last_user_index(self) -> int | None:
+        """Where the turn that asks what the request asks now stands, if there is one."""
+        for index in range(len(self.messages) - 1, -1, -1):
+            if self.messages[index].role is Role.USER:
+                return index
+        return None
+
+    def last_user_turn(self) -> str | None:
+        """What the request asks now: the text that near-duplicate requests share."""
+        index = self.last_user_index()
+        return None if index is None else self.messages[index].content
+
 
 class Status(StrEnum):
     OK = "ok"

@@ -12,14 +12,14 @@ from pathlib import Path
 from agents.infer import Delta, UpstreamError
 from inference.decoder import ContinuousBatcher, DecoderModel, SamplingParams
 from inference.runtime import ModelLoadError
-from schemas.messages import Envelope, ErrorCode, Result, Role, Usage
+from schemas.messages import Envelope, ErrorCode, Result, Usage
 from topology.settings import EngineSettings, ModelSpec
 
 
 def prompt_of(envelope: Envelope) -> str:
     """The last user turn: the zoo's models are trained on single-turn task prompts."""
-    users = [m.content for m in envelope.request.messages if m.role is Role.USER]
-    return users[-1] if users else envelope.request.messages[-1].content
+    asked = envelope.request.last_user_turn()
+    return envelope.request.messages[-1].content if asked is None else asked
 
 
 def sampling_params(envelope: Envelope) -> SamplingParams:
@@ -31,12 +31,6 @@ def sampling_params(envelope: Envelope) -> SamplingParams:
         seed=params.seed,
         stop=list(params.stop),
     )
-
-
-def price(spec: ModelSpec, usage: Usage) -> float:
-    return (
-        usage.prompt_tokens * spec.input_per_1k + usage.completion_tokens * spec.output_per_1k
-    ) / 1000.0
 
 
 class LocalDecoderBackend:

@@ -18,7 +18,6 @@ from agents.preprocess import (
     count_tokens,
     embed_last_user_turns,
     error_response,
-    last_user_turn,
     normalise,
     shared_encoder,
 )
@@ -371,9 +370,9 @@ def test_the_last_user_turn_is_what_gets_embedded(pre: Preprocessor) -> None:
         {"role": "user", "content": "And Flink?"},
         {"role": "assistant", "content": "A stream processor."},
     ]
-    assert last_user_turn(pre.parse(raw(request(messages=turns))).request) == "And Flink?"
+    assert pre.parse(raw(request(messages=turns))).request.last_user_turn() == "And Flink?"
     system_only = request(messages=[{"role": "system", "content": "You are terse."}])
-    assert last_user_turn(pre.parse(raw(system_only)).request) is None
+    assert pre.parse(raw(system_only)).request.last_user_turn() is None
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +401,7 @@ async def test_a_batch_gets_the_embeddings_of_its_last_user_turns(
     assert system_only.embedding is None
     for envelope in (asking, french):
         assert envelope.embedding is not None
-        text = last_user_turn(envelope.request)
+        text = envelope.request.last_user_turn()
         assert text is not None
         expected = encoder.embed([text])[0]
         assert np.abs(decode_embedding(envelope.embedding) - expected).max() < 1e-3
