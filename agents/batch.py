@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
@@ -134,8 +134,12 @@ class ModelQueue(Generic[Item]):
     def __len__(self) -> int:
         return sum(len(q) for q in self.by_priority.values())
 
-    def entries(self) -> list[Queued[Item]]:
-        return [e for p in PRIORITY_ORDER for e in self.by_priority[p]]
+    def oldest_arrival(self) -> float:
+        """Each priority's queue is in arrival order, so the oldest is one of their heads."""
+        return min(q[0].arrived for q in self.by_priority.values() if q)
+
+    def deadlines(self) -> Iterator[float]:
+        return (e.deadline for q in self.by_priority.values() for e in q if e.deadline is not None)
 
 
 class AdaptiveBatcher(Generic[Item]):
@@ -206,16 +210,14 @@ class AdaptiveBatcher(Generic[Item]):
         target = self.target_size(model, now)
         if len(queue) >= target:
             return True
-        entries = queue.entries()
-        oldest = min(e.arrived for e in entries)
-        remaining = oldest + self.wait_s(model, now) - now
+        remaining = queue.oldest_arrival() + self.wait_s(model, now) - now
         if remaining <= 0:
             return True
         expected_arrivals = queue.rate.per_second(now) * remaining
         if len(queue) + expected_arrivals < target:
             return True
         finish = now + remaining + queue.fit.predict(target)
-        return any(e.deadline is not None and e.deadline < finish for e in entries)
+        return any(deadline < finish for deadline in queue.deadlines())
 
     def take_ready(self, now: float) -> list[tuple[str, list[Item]]]:
         """Close every batch that should go now, highest priority first, and count it as
@@ -263,14 +265,13 @@ class AdaptiveBatcher(Generic[Item]):
         slots are all busy waits for a batch to finish instead, which wakes the loop."""
         times = []
         for model, queue in self.queues.items():
-            entries = queue.entries()
-            if not entries:
+            if not len(queue):
                 continue
             if self.slot_free(model):
-                times.append(min(e.arrived for e in entries) + self.wait_s(model, now))
-            deadlines = [e.deadline for e in entries if e.deadline is not None]
-            if deadlines:
-                times.append(min(deadlines) - queue.fit.predict(1))
+                times.append(queue.oldest_arrival() + self.wait_s(model, now))
+            earliest = min(queue.deadlines(), default=None)
+            if earliest is not None:
+                times.append(earliest - queue.fit.predict(1))
         return min(times) if times else None
 
 

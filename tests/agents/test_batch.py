@@ -156,7 +156,7 @@ def test_requests_whose_deadline_would_pass_while_queued_expire() -> None:
     b.add("m", "later", NORMAL, deadline=5.0, now=0.0)
     assert b.expire(now=0.1) == []
     assert b.expire(now=0.2) == ["soon"]
-    assert [e.item for e in b.queues["m"].entries()] == ["later"]
+    assert [e.item for q in b.queues["m"].by_priority.values() for e in q] == ["later"]
 
 
 def test_queue_is_bounded_counting_running_batches() -> None:
