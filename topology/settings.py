@@ -265,8 +265,8 @@ class RouteSettings(Section):
 class EmbeddingSettings(Section):
     """The sentence embedding of each request (all-MiniLM-L6-v2, exported by `make models`).
 
-    Off by default: no stage reads it until the semantic cache and merging do, and on a
-    CPU it costs about 20 ms of a core per ShareGPT prompt (50 a second on two cores).
+    Off by default: only the semantic cache reads it, and two CPU cores embed about 200
+    ShareGPT prompts a second (`llmflow bench batching`), fewer when the worker is busy.
     """
 
     enabled: bool = False
