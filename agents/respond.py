@@ -33,6 +33,7 @@ def build_response(envelope: Envelope, now: float) -> LLMResponse:
         status=status,
         model=envelope.model,
         merged_with=envelope.merged_with,
+        merge_kind=envelope.merge_kind,
         latency_ms=round((now - envelope.received_at) * 1000.0, 3),
         stage_latency_ms={k: round(v, 3) for k, v in envelope.stage_latency_ms.items()},
         error=error,

@@ -16,9 +16,9 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,7 @@ from topology.settings import SemanticCacheSettings
 
 T = TypeVar("T")
 Vector = npt.NDArray[np.float32]
+Drop = Literal["expired", "evicted"]
 
 GUARD_KINDS = (
     "negation",
@@ -485,10 +486,14 @@ class SemanticIndex(Generic[T]):
     """
 
     def __init__(
-        self, settings: SemanticCacheSettings, guard_kinds: Iterable[str] = GUARD_KINDS
+        self,
+        settings: SemanticCacheSettings,
+        guard_kinds: Iterable[str] = GUARD_KINDS,
+        on_drop: Callable[[T, Drop], None] | None = None,
     ) -> None:
         self.settings = settings
         self.guard_kinds = tuple(guard_kinds)
+        self.on_drop = on_drop
         self._contexts: dict[str, dict[int, Entry[T]]] = {}
         self._size = 0
         self._next_id = 0
@@ -515,7 +520,7 @@ class SemanticIndex(Generic[T]):
         best: Match[T] | None = None
         for entry_id, entry in list(entries.items()):
             if entry.expires_at <= now:
-                self._remove(context, entry_id)
+                self._drop(context, entry_id, "expired")
                 continue
             if entry.guards != terms:
                 continue
@@ -568,17 +573,27 @@ class SemanticIndex(Generic[T]):
     def _evict(self, now: float) -> None:
         for context, entries in list(self._contexts.items()):
             for entry_id in [i for i, e in entries.items() if e.expires_at <= now]:
-                self._remove(context, entry_id)
+                self._drop(context, entry_id, "expired")
         while self._size > self.settings.max_entries:
             context, entry_id = min(
                 ((c, i) for c, entries in self._contexts.items() for i in entries),
                 key=lambda ci: self._contexts[ci[0]][ci[1]].eviction_rank(),
             )
-            self._remove(context, entry_id)
+            self._drop(context, entry_id, "evicted")
 
-    def _remove(self, context: str, entry_id: int) -> None:
-        entries = self._contexts[context]
-        del entries[entry_id]
+    def remove(self, context: str, entry_id: int) -> T | None:
+        """Take an entry out (its answer is gone or done); None if it already left."""
+        entries = self._contexts.get(context)
+        if entries is None or entry_id not in entries:
+            return None
+        entry = entries.pop(entry_id)
         self._size -= 1
         if not entries:
             del self._contexts[context]
+        return entry.answer
+
+    def _drop(self, context: str, entry_id: int, why: Drop) -> None:
+        """Remove an entry the bounds push out, and tell `on_drop` which and why."""
+        answer = self.remove(context, entry_id)
+        if answer is not None and self.on_drop is not None:
+            self.on_drop(answer, why)

@@ -146,6 +146,9 @@ class LLMResponse(WireModel):
     cache_kind: Literal["exact", "semantic"] | None = None
     cache_tier: Literal["l1", "l2"] | None = None
     merged_with: str | None = None
+    merge_kind: Literal["exact", "semantic"] | None = Field(
+        default=None, description="merged: an identical request led, or a near-identical one"
+    )
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     latency_ms: float = 0.0
@@ -216,9 +219,14 @@ class Envelope(WireModel):
     result: Result | None = None
     status: Status | None = None
     merged_with: str | None = None
+    merge_kind: Literal["exact", "semantic"] | None = None
     embedding: str | None = Field(
         default=None,
         description="sentence embedding of the last user turn: base64 of little-endian float16",
+    )
+    semantic_bucket: int | None = Field(
+        default=None,
+        description="LSH bucket of the embedding: near-duplicates share it, and so a partition",
     )
 
     def mark(self, stage: str, now: float | None = None) -> None:
