@@ -32,6 +32,7 @@ train: $(BUILD_STAMP)
 	PYTHONPATH=. $(BUILD_VENV)/bin/python -m models.decoders
 	PYTHONPATH=. $(BUILD_VENV)/bin/python -m models.classifier
 	PYTHONPATH=. $(BUILD_VENV)/bin/python -m models.embedding_reference
+	$(BIN)/python -m models.embedding_center
 	$(BIN)/python -m models.zoo write
 
 system-deps:

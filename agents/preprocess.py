@@ -33,6 +33,7 @@ from schemas.messages import (
 )
 from streams import metrics
 from streams.app import Pipeline, raw_bytes
+from streams.locality import SemanticBucketer
 from topology.settings import Settings
 
 STAGE = "preprocess"
@@ -225,8 +226,11 @@ def shared_encoder(pipeline: Pipeline) -> Encoder:
     return pipeline.shared(ENCODER, load)
 
 
-async def embed_last_user_turns(encoder: Encoder, envelopes: list[Envelope]) -> None:
-    """Set `embedding` on each envelope that has a user turn, one model run per batch.
+async def embed_last_user_turns(
+    encoder: Encoder, bucketer: SemanticBucketer, envelopes: list[Envelope]
+) -> None:
+    """Set `embedding` and its LSH bucket on each envelope that has a user turn, one model
+    run per batch.
 
     A failure leaves the envelopes without an embedding: later stages then fall back to
     exact matching, which is better than losing or delaying the requests.
@@ -240,8 +244,10 @@ async def embed_last_user_turns(encoder: Encoder, envelopes: list[Envelope]) -> 
         log.exception("embedding failed for a batch of %d requests", len(asking))
         metrics.stage_events.labels(STAGE, "embedding_failed").inc(len(asking))
         return
-    for (envelope, _), vector in zip(asking, vectors, strict=True):
+    buckets = bucketer.buckets(vectors)
+    for (envelope, _), vector, bucket in zip(asking, vectors, buckets, strict=True):
         envelope.embedding = encode_embedding(vector)
+        envelope.semantic_bucket = int(bucket)
 
 
 def error_response(error: InvalidRequest) -> LLMResponse:
@@ -303,6 +309,8 @@ def attach(pipeline: Pipeline) -> None:
                 except Exception as exc:
                     await reject_crash(event, exc)
             if encoder is not None:
-                await embed_last_user_turns(encoder, [envelope for _, envelope in accepted])
+                await embed_last_user_turns(
+                    encoder, pipeline.bucketer, [envelope for _, envelope in accepted]
+                )
             for event, envelope in accepted:
                 await forward(event, envelope)

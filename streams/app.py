@@ -18,6 +18,7 @@ from schemas.messages import DeadLetter, Envelope, ErrorCode, dump
 from streams import metrics
 from streams.cache_store import CacheStore, open_cache_store
 from streams.drivers import kafka_transport
+from streams.locality import SemanticBucketer, bucketer_for
 from topology.settings import KeyBy, Settings, TopicSpec
 
 MAX_REPLY_TOPICS = 1024
@@ -35,7 +36,9 @@ def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
     request = envelope.request
     if key_by == "tenant":
         return request.tenant.encode()
-    if key_by == "fingerprint":
+    if key_by == "locality" and envelope.semantic_bucket is not None:
+        return SemanticBucketer.key_of(envelope.semantic_bucket)
+    if key_by in ("fingerprint", "locality"):
         return envelope.fingerprint.encode()
     if key_by == "model":
         return (envelope.model or "").encode()
@@ -68,6 +71,7 @@ class Pipeline:
         self.stream_topic = self._topic(settings.topics.stream)
         self._reply_topics: dict[str, TopicT] = {}
         self._shared: dict[str, object] = {}
+        self.bucketer = bucketer_for(settings)
         self.cache_store: CacheStore = open_cache_store(
             settings.redis_url, settings.cache.max_entries_per_partition
         )
@@ -162,9 +166,18 @@ class Pipeline:
         metrics.stage_latency.labels(stage).observe(envelope.stage_latency_ms[stage] / 1e3)
 
     async def send(self, stage: str, envelope: Envelope) -> None:
-        """Hand `envelope` to `stage`, keyed as the stage graph says."""
+        """Hand `envelope` to `stage`, keyed as the stage graph says.
+
+        A bucket picks its partition itself (Kafka's hash of the key would scatter
+        neighbouring buckets); every other key goes where the default partitioner puts it.
+        """
         spec = self.settings.stage(stage)
-        await self.stage_topics[stage].send(key=key_of(envelope, spec.key_by), value=dump(envelope))
+        partition = None
+        if spec.key_by == "locality" and envelope.semantic_bucket is not None:
+            partition = self.bucketer.partition_of(envelope.semantic_bucket, spec.topic.partitions)
+        await self.stage_topics[stage].send(
+            key=key_of(envelope, spec.key_by), value=dump(envelope), partition=partition
+        )
 
     async def fail(
         self,

@@ -30,10 +30,14 @@ share a common direction, and hyperplanes through the origin cut that cloud unev
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from topology.settings import Settings
 
 Mapping = Literal["modulo", "gray", "kafka"]
 MAPPINGS: tuple[Mapping, ...] = ("modulo", "gray", "kafka")
@@ -159,7 +163,24 @@ class SemanticBucketer:
         """The partition of each row of an (n, dimension) array."""
         return self.partitions_of(self.buckets(vectors), partitions)
 
+    def partition_of(self, bucket: int, partitions: int) -> int:
+        """The partition of one bucket: stable across workers that share seed and settings."""
+        return int(self.partitions_of(np.array([bucket], dtype=np.int64), partitions)[0])
+
     def partition(self, vector: npt.ArrayLike, partitions: int) -> int:
-        """The partition of one vector: stable across workers that share seed and settings."""
-        bucket = np.array([self.bucket(vector)], dtype=np.int64)
-        return int(self.partitions_of(bucket, partitions)[0])
+        return self.partition_of(self.bucket(vector), partitions)
+
+
+def bucketer_for(settings: Settings) -> SemanticBucketer:
+    """The bucketer every worker of these settings builds alike."""
+    locality = settings.locality
+    center = None
+    if locality.center is not None:
+        center = json.loads(Path(locality.center).read_text())["center"]
+    return SemanticBucketer(
+        settings.embedding.dimension,
+        settings.locality_bits(),
+        locality.seed,
+        mapping=locality.mapping,
+        center=center,
+    )

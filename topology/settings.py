@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ENV_PREFIX = "LLMFLOW_"
 ZOO = Path(__file__).resolve().parent.parent / "models" / "artifacts"
 ZOO_MODELS = ("zoo-small", "zoo-large")
+EMBEDDING_CENTER = ZOO / "minilm-center.json"
 
 
 class Section(BaseModel):
@@ -46,7 +47,9 @@ class Topics(Section):
     feedback: TopicSpec = TopicSpec(name="llm.feedback")
 
 
-KeyBy = Literal["tenant", "fingerprint", "model", "request_id"]
+KeyBy = Literal["tenant", "fingerprint", "locality", "model", "request_id"]
+# Stages keyed by these share Tables, so their topics need one partition count.
+COPARTITIONED: tuple[KeyBy, ...] = ("fingerprint", "locality")
 
 
 class StageSpec(Section):
@@ -65,14 +68,18 @@ def _stage(name: str, key_by: KeyBy) -> StageSpec:
 
 
 def default_stages() -> list[StageSpec]:
-    """The path of one request. Preprocess reads the public requests topic directly."""
+    """The path of one request. Preprocess reads the public requests topic directly.
+
+    `locality` is the LSH bucket of the embedding when the request has one (near-duplicates
+    meet on one partition), else the fingerprint (identical requests do).
+    """
     return [
         _stage("ratelimit", "tenant"),
-        _stage("dedup", "fingerprint"),
-        _stage("cache", "fingerprint"),
-        _stage("route", "fingerprint"),
+        _stage("dedup", "locality"),
+        _stage("cache", "locality"),
+        _stage("route", "locality"),
         _stage("batch", "model"),
-        _stage("postprocess", "fingerprint"),
+        _stage("postprocess", "locality"),
         _stage("respond", "request_id"),
     ]
 
@@ -271,8 +278,28 @@ class EmbeddingSettings(Section):
 
     enabled: bool = False
     path: str = ".cache/models/minilm-l6-v2"
+    dimension: int = Field(default=384, ge=1, description="of the model's embeddings")
     max_batch: int = Field(default=32, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
+
+
+class LocalitySettings(Section):
+    """How embeddings become partitions (`streams.locality`), so near-duplicates meet.
+
+    The defaults are what `llmflow bench locality` recommends for 4 partitions on ShareGPT
+    prompts: one bit per doubling of the partitions, buckets taken modulo the partition
+    count, hyperplanes through the mean embedding of 5,000 prompts. Every worker must use
+    the same values, or identical prompts land on different partitions.
+    """
+
+    bits: int | None = Field(
+        default=None, ge=1, le=30, description="None: log2 of the partition count"
+    )
+    seed: int = 20261126
+    mapping: Literal["modulo", "gray", "kafka"] = "modulo"
+    center: str | None = Field(
+        default=str(EMBEDDING_CENTER), description="JSON with the mean embedding; None: origin"
+    )
 
 
 class EngineSettings(Section):
@@ -306,6 +333,7 @@ class Settings(Section):
     infer: InferSettings = InferSettings()
     route: RouteSettings = RouteSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    locality: LocalitySettings = LocalitySettings()
     engine: EngineSettings = EngineSettings()
 
     @model_validator(mode="after")
@@ -313,11 +341,11 @@ class Settings(Section):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names repeat: {names}")
-        by_fingerprint = {s.topic.partitions for s in self.stages if s.key_by == "fingerprint"}
-        if len(by_fingerprint) > 1:
+        shared = {s.topic.partitions for s in self.stages if s.key_by in COPARTITIONED}
+        if len(shared) > 1:
             raise ValueError(
-                "stages keyed by fingerprint share Tables, so their topics need "
-                f"one partition count, not {sorted(by_fingerprint)}"
+                "stages keyed by fingerprint or locality share Tables, so their topics need "
+                f"one partition count, not {sorted(shared)}"
             )
         for table, stage in self.tables.items():
             if stage not in names:
@@ -335,6 +363,14 @@ class Settings(Section):
             if spec.name == name:
                 return spec
         raise KeyError(f"no stage {name!r} in the stage graph")
+
+    def locality_bits(self) -> int:
+        """LSH bits: as set, else enough for one bucket per partition of the stages keyed
+        by locality."""
+        if self.locality.bits is not None:
+            return self.locality.bits
+        counts = [s.topic.partitions for s in self.stages if s.key_by == "locality"]
+        return max(1, (max(counts, default=2) - 1).bit_length())
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)

@@ -25,6 +25,7 @@ from inference.encoder import Encoder
 from schemas.messages import Envelope, ErrorCode, Status, decode_embedding
 from streams import metrics
 from streams.app import Pipeline
+from streams.locality import bucketer_for
 from topology.settings import Settings
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -396,15 +397,17 @@ async def test_a_batch_gets_the_embeddings_of_its_last_user_turns(
     pre: Preprocessor, encoder: Encoder
 ) -> None:
     batch = envelopes(pre)
-    await embed_last_user_turns(encoder, batch)
+    bucketer = bucketer_for(Settings())
+    await embed_last_user_turns(encoder, bucketer, batch)
     asking, system_only, french = batch
-    assert system_only.embedding is None
+    assert system_only.embedding is None and system_only.semantic_bucket is None
     for envelope in (asking, french):
         assert envelope.embedding is not None
         text = envelope.request.last_user_turn()
         assert text is not None
         expected = encoder.embed([text])[0]
         assert np.abs(decode_embedding(envelope.embedding) - expected).max() < 1e-3
+        assert envelope.semantic_bucket == bucketer.bucket(expected)
 
 
 class BrokenEncoder:
@@ -418,7 +421,11 @@ async def test_an_embedding_failure_lets_the_requests_go_on_without_one(
     failures = metrics.stage_events.labels(STAGE, "embedding_failed")
     before = failures._value.get()
     batch = envelopes(pre)
-    await embed_last_user_turns(BrokenEncoder(), batch)  # type: ignore[arg-type]
+    await embed_last_user_turns(
+        BrokenEncoder(),  # type: ignore[arg-type]
+        bucketer_for(Settings()),
+        batch,
+    )
     assert [e.request.id for e in batch] == ["a", "b", "c"]
-    assert all(e.embedding is None for e in batch)
+    assert all(e.embedding is None and e.semantic_bucket is None for e in batch)
     assert failures._value.get() == before + 2

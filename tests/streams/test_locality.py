@@ -10,10 +10,12 @@ from streams.locality import (
     MAPPINGS,
     Mapping,
     SemanticBucketer,
+    bucketer_for,
     gray_rank,
     kafka_partition,
     murmur2,
 )
+from topology.settings import LocalitySettings, Settings
 
 DIM = 384
 
@@ -158,3 +160,21 @@ def test_rejects_wrong_shapes() -> None:
         bucketer.buckets(np.zeros((3, 5)))
     with pytest.raises(ValueError):
         bucketer.partition([1.0, 0.0, 0.0, 0.0], 0)
+
+
+def test_the_configured_bucketer_has_a_bucket_per_partition_and_the_committed_center() -> None:
+    bucketer = bucketer_for(Settings())
+    assert bucketer.bits == 2  # 4 partitions
+    assert np.linalg.norm(bucketer.center) > 0.1  # sentence embeddings share a direction
+    vectors = unit(200, 11)
+    by_vector = [bucketer.partition(v, 4) for v in vectors]
+    assert by_vector == [bucketer.partition_of(b, 4) for b in bucketer.buckets(vectors)]
+    assert set(by_vector) == {0, 1, 2, 3}
+
+
+def test_every_worker_of_one_configuration_computes_the_same_buckets() -> None:
+    settings = Settings(locality=LocalitySettings(bits=6, center=None))
+    vectors = unit(100, 12)
+    first, second = bucketer_for(settings), bucketer_for(settings)
+    assert first.bits == 6 and not first.center.any()
+    assert list(first.buckets(vectors)) == list(second.buckets(vectors))
