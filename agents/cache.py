@@ -1,35 +1,45 @@
-"""Cache lookup: exact answers by fingerprint, L1 in a faust Table, L2 in a shared store;
-then, when `semantic.enabled`, near-repeats from the worker's semantic index.
+"""Cache lookup: exact answers by fingerprint, then near-repeats by meaning, in two tiers.
 
-The fingerprint includes the tenant, so one tenant's answer never serves another; the
-semantic index matches only within one context key (tenant or shared namespace, model,
-system prompt, params, tools and the earlier conversation), on the last user turn's
-embedding and its exact guard terms. A hit goes to postprocess like a model's answer
-would, so followers waiting on it are released.
+Exact: L1 in a faust Table, L2 in a store all workers share (Redis). The fingerprint
+includes the tenant, so one tenant's answer never serves another.
+
+Semantic (when `semantic.enabled`): a near-repeat maps to the fingerprint of an earlier
+request in the same context key (tenant or shared namespace, model, system prompt,
+params, tools and the earlier conversation) whose last user turn embeds close enough and
+has the same guard terms; the answer itself is that fingerprint's exact entry. L1 keeps
+the semantic records in a Table too, indexed in memory per partition and rebuilt when the
+Table recovers; L2 keeps the newest records of each context and LSH bucket in the shared
+store, so a worker that just took a partition over still finds them.
+
+A hit goes to postprocess like a model's answer would, so followers waiting on it are
+released. Every fault of the cache (an unreadable entry, an L2 outage) is a miss, counted.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections import OrderedDict
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from faust.types import EventT
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from agents.semantic import SemanticIndex, context_key, namespace
-from schemas.messages import Envelope, Result, Status, decode_embedding
+from agents.semantic import Drop, SemanticIndex, context_key, namespace
+from schemas.messages import Envelope, LLMRequest, Result, Status, decode_embedding
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import CacheSettings, SemanticCacheSettings
 
 STAGE = "cache"
 TABLE = "cache-exact"
-SEMANTIC = "cache-semantic"
+SEMANTIC_TABLE = "cache-semantic"
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +47,8 @@ class ExactCache:
     """TTL and LRU bounds over a Table; eviction runs per partition, in that partition's events.
 
     A Table writes its changelog to the partition of the event being processed, so a key may
-    only be deleted while handling an event of the partition that owns it.
+    only be deleted while handling an event of the partition that owns it; each value notes
+    its partition for that.
     """
 
     def __init__(self, entries: MutableMapping[str, Any], settings: CacheSettings) -> None:
@@ -49,18 +60,33 @@ class ExactCache:
         stored = self.entries.get(key)
         if stored is None:
             return None
+        owned = stored.get("partition", partition) == partition
         recency = self._recency.setdefault(partition, OrderedDict())
         if float(stored["expires_at"]) <= now:
-            del self.entries[key]
-            recency.pop(key, None)
+            if owned:
+                del self.entries[key]
+                recency.pop(key, None)
+                metrics.cache_evictions.labels("exact", "expired").inc()
             return None
-        recency[key] = None
-        recency.move_to_end(key)
-        return Result.model_validate(stored["result"])
+        try:
+            result = Result.model_validate(stored["result"])
+        except ValidationError:
+            log.warning("L1 cache entry %s is unreadable, treating it as a miss", key)
+            metrics.cache_faults.labels("exact", "l1_unreadable").inc()
+            return None
+        if owned:
+            recency[key] = None
+            recency.move_to_end(key)
+        return result
 
     def store(self, key: str, result: Result, ttl_s: float, now: float, partition: int) -> int:
-        """Keep `result` for `ttl_s`; returns how many entries were evicted to make room."""
-        self.entries[key] = {"result": result.model_dump(mode="json"), "expires_at": now + ttl_s}
+        """Keep `result` for `ttl_s`; returns how many of this partition's least recently
+        used entries were evicted to make room."""
+        self.entries[key] = {
+            "result": result.model_dump(mode="json"),
+            "expires_at": now + ttl_s,
+            "partition": partition,
+        }
         recency = self._recency.setdefault(partition, OrderedDict())
         recency[key] = None
         recency.move_to_end(key)
@@ -70,6 +96,7 @@ class ExactCache:
             if oldest in self.entries:
                 del self.entries[oldest]
             evicted += 1
+        metrics.cache_evictions.labels("exact", "evicted").inc(evicted)
         return evicted
 
 
@@ -86,120 +113,362 @@ def cacheable(envelope: Envelope) -> bool:
     )
 
 
-def exact_cache(pipeline: Pipeline) -> ExactCache:
-    """The cache over the L1 Table: one per worker, shared by cache and postprocess, so
-    lookups and stores keep one recency order."""
-    return pipeline.shared(
-        TABLE, lambda: ExactCache(pipeline.table(TABLE), pipeline.settings.cache)
-    )
+def volatile_pattern(terms: Iterable[str]) -> re.Pattern[str]:
+    words = sorted((re.escape(t.lower()).replace(r"\ ", r"\s+") for t in terms), key=len)
+    return re.compile(r"\b(?:" + "|".join(reversed(words)) + r")\b")
+
+
+class Freshness:
+    """How long an answer stays true: what the caller asked for, else short for questions
+    about the present (news, prices, weather, "today"), else the configured TTL."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+        self._volatile = volatile_pattern(settings.volatile_terms)
+
+    def ttl_s(self, request: LLMRequest) -> float:
+        if request.cache.ttl_s is not None:
+            return request.cache.ttl_s
+        text = (request.last_user_turn() or "").lower()
+        if self._volatile.search(text):
+            return min(self.settings.volatile_ttl_s, self.settings.ttl_s)
+        return self.settings.ttl_s
+
+
+@dataclass(frozen=True)
+class SemanticQuery:
+    """What the semantic layer matches a request on."""
+
+    context: str
+    namespace: str
+    vector: npt.NDArray[np.float32]
+    text: str
+    group: str  # the L2 group: context and LSH bucket
+
+
+def semantic_query(envelope: Envelope, settings: SemanticCacheSettings) -> SemanticQuery | None:
+    """The query of a request with an embedding and a user turn; None for any other."""
+    text = envelope.request.last_user_turn()
+    if envelope.embedding is None or text is None:
+        return None
+    try:
+        vector = decode_embedding(envelope.embedding)
+    except ValueError:
+        metrics.cache_faults.labels("semantic", "bad_embedding").inc()
+        return None
+    context = context_key(envelope.request, settings.shared_namespaces)
+    bucket = "-" if envelope.semantic_bucket is None else str(envelope.semantic_bucket)
+    space = namespace(envelope.request, settings.shared_namespaces)
+    return SemanticQuery(context, space, vector, text, f"{context}:{bucket}")
+
+
+class SemanticRecord(BaseModel):
+    """One semantic entry as the Table and L2 keep it."""
+
+    fingerprint: str
+    context: str
+    text: str
+    embedding: str
+    expires_at: float
+    partition: int
+
+    def vector(self) -> npt.NDArray[np.float32]:
+        return decode_embedding(self.embedding)
 
 
 class SemanticCache:
-    """The semantic layer over `SemanticIndex`: which requests it can match, and how.
+    """The semantic layer: near-repeats to fingerprints, per partition.
 
-    The index lives in the worker's memory, so it holds what this worker's partitions
-    answered; a request without an embedding or a user turn is only matched exactly.
+    Records live in a Table (`records`, keyed by fingerprint) and in an in-memory index per
+    partition; an entry the index's bounds drop is deleted from the Table in the same
+    partition's event. `rebuild` refills the indexes from the Table after recovery.
     """
 
-    def __init__(self, settings: SemanticCacheSettings) -> None:
+    def __init__(self, settings: SemanticCacheSettings, records: MutableMapping[str, Any]) -> None:
         self.settings = settings
-        self.index: SemanticIndex[Result] = SemanticIndex(settings)
+        self.records = records
+        self.indexes: dict[int, SemanticIndex[str]] = {}
+        self._ids: dict[str, tuple[int, str, int]] = {}  # fingerprint → partition, context, id
+        self._rebuilding = False
+        self._adding: str | None = None
 
-    def _query(self, envelope: Envelope) -> tuple[str, npt.NDArray[np.float32], str] | None:
-        """The context key, embedding and text to match on, if the request has them."""
-        text = envelope.request.last_user_turn()
-        if envelope.embedding is None or text is None:
-            return None
-        context = context_key(envelope.request, self.settings.shared_namespaces)
-        return context, decode_embedding(envelope.embedding), text
+    def _index(self, partition: int) -> SemanticIndex[str]:
+        index = self.indexes.get(partition)
+        if index is None:
+            index = self.indexes[partition] = SemanticIndex(self.settings, on_drop=self._dropped)
+        return index
 
-    def lookup(self, envelope: Envelope, now: float) -> Result | None:
-        query = self._query(envelope)
-        if query is None:
+    def _dropped(self, fingerprint: str, why: Drop) -> None:
+        if fingerprint == self._adding:  # LRU-2 may push out the entry just added
+            self._adding = None
+        self._ids.pop(fingerprint, None)
+        metrics.cache_evictions.labels("semantic", why).inc()
+        if not self._rebuilding:  # a Table is written in an event of its partition only
+            self.records.pop(fingerprint, None)
+
+    def match(self, query: SemanticQuery, now: float, partition: int) -> str | None:
+        """The fingerprint whose answer serves `query`, from this partition's index."""
+        threshold = self.settings.threshold_for(query.namespace)
+        found = self._index(partition).lookup(
+            query.context, query.vector, query.text, now, threshold
+        )
+        return None if found is None else found.answer
+
+    def best(self, query: SemanticQuery, records: list[SemanticRecord], now: float) -> str | None:
+        """The fingerprint of the record (from L2) that serves `query`, under the same rules."""
+        scratch: SemanticIndex[str] = SemanticIndex(self.settings)
+        for record in records:
+            if record.context == query.context and record.expires_at > now:
+                scratch.add(
+                    record.context,
+                    record.vector(),
+                    record.text,
+                    record.fingerprint,
+                    now,
+                    record.expires_at - now,
+                )
+        found = scratch.lookup(
+            query.context,
+            query.vector,
+            query.text,
+            now,
+            self.settings.threshold_for(query.namespace),
+        )
+        return None if found is None else found.answer
+
+    def store(
+        self,
+        query: SemanticQuery,
+        fingerprint: str,
+        embedding: str,
+        expires_at: float,
+        now: float,
+        partition: int,
+    ) -> SemanticRecord:
+        record = SemanticRecord(
+            fingerprint=fingerprint,
+            context=query.context,
+            text=query.text,
+            embedding=embedding,
+            expires_at=expires_at,
+            partition=partition,
+        )
+        self.records[fingerprint] = record.model_dump(mode="json")
+        self._add(record, now)
+        return record
+
+    def forget(self, fingerprint: str) -> None:
+        """Drop the entry of a fingerprint whose answer is gone from every tier."""
+        self._remove(fingerprint)
+        self.records.pop(fingerprint, None)
+
+    def rebuild(self, now: float) -> int:
+        """Index every record the Table holds now (after recovery); returns how many."""
+        self.indexes.clear()
+        self._ids.clear()
+        self._rebuilding = True
+        try:
+            for value in list(self.records.values()):
+                try:
+                    self._add(SemanticRecord.model_validate(value), now)
+                except (ValidationError, ValueError):
+                    metrics.cache_faults.labels("semantic", "l1_unreadable").inc()
+        finally:
+            self._rebuilding = False
+        return len(self._ids)
+
+    def _add(self, record: SemanticRecord, now: float) -> None:
+        self._remove(record.fingerprint)
+        self._adding = record.fingerprint
+        entry_id = self._index(record.partition).add(
+            record.context,
+            record.vector(),
+            record.text,
+            record.fingerprint,
+            now,
+            record.expires_at - now,
+        )
+        if self._adding is not None:
+            self._ids[record.fingerprint] = (record.partition, record.context, entry_id)
+        self._adding = None
+
+    def _remove(self, fingerprint: str) -> None:
+        where = self._ids.pop(fingerprint, None)
+        if where is not None:
+            partition, context, entry_id = where
+            self._index(partition).remove(context, entry_id)
+
+
+class Caches:
+    """The exact and semantic layers of one worker, shared by cache and postprocess so both
+    see one recency order and one index."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.exact = ExactCache(pipeline.table(TABLE), pipeline.settings.cache)
+        self.freshness = Freshness(pipeline.settings.cache)
+        self.semantic: SemanticCache | None = None
+        settings = pipeline.settings.semantic
+        if settings.enabled:
+            table = pipeline.table(SEMANTIC_TABLE)
+            semantic = self.semantic = SemanticCache(settings, table)
+
+            async def rebuild() -> None:
+                count = semantic.rebuild(now=time.time())
+                log.info("semantic cache: %d entries indexed after recovery", count)
+
+            table.on_recover(rebuild)
+
+    def query(self, envelope: Envelope) -> SemanticQuery | None:
+        if self.semantic is None:
             return None
-        context, vector, text = query
-        space = namespace(envelope.request, self.settings.shared_namespaces)
-        match = self.index.lookup(context, vector, text, now, self.settings.threshold_for(space))
-        if match is None:
+        return semantic_query(envelope, self.semantic.settings)
+
+    async def lookup(self, envelope: Envelope, partition: int) -> Result | None:
+        """Exact L1, exact L2, then semantic L1 and L2; the result says which served it."""
+        key, now = envelope.fingerprint, envelope.stage_entered_at
+        result = await self._answer(key, now, partition)
+        metrics.count_cache_lookup("exact", result is not None)
+        if result is not None:
+            result.cache_kind = "exact"
+            return result
+        query = self.query(envelope)
+        if query is None or self.semantic is None:
             return None
-        result = match.answer.model_copy(deep=True)
+        result = await self._near(query, now, partition)
+        metrics.count_cache_lookup("semantic", result is not None)
+        return result
+
+    async def _answer(self, key: str, now: float, partition: int) -> Result | None:
+        result = self.exact.lookup(key, now, partition)
+        if result is not None:
+            result.cache_tier = "l1"
+            return result
+        stored = await read_l2(self.pipeline, key)
+        if stored is None:
+            return None
+        result, ttl_s = stored
+        self.exact.store(key, result, ttl_s, now, partition)  # promoted to this partition
+        result.cache_tier = "l2"
+        return result
+
+    async def _near(self, query: SemanticQuery, now: float, partition: int) -> Result | None:
+        assert self.semantic is not None
+        fingerprint = self.semantic.match(query, now, partition)
+        if fingerprint is not None:
+            result = await self._answer(fingerprint, now, partition)
+            if result is None:
+                self.semantic.forget(fingerprint)
+                return None
+        else:
+            records = await read_group(self.pipeline, query.group)
+            fingerprint = self.semantic.best(query, records, now)
+            record = next((r for r in records if r.fingerprint == fingerprint), None)
+            if record is None:
+                return None
+            result = await self._answer(record.fingerprint, now, partition)
+            if result is None:
+                return None
+            self.semantic.store(
+                query, record.fingerprint, record.embedding, record.expires_at, now, partition
+            )
+            result.cache_tier = "l2"
         result.cache_kind = "semantic"
         return result
 
-    def store(self, envelope: Envelope, ttl_s: float, now: float) -> None:
-        query = self._query(envelope)
-        if query is None or envelope.result is None:
+    async def store(self, envelope: Envelope, partition: int) -> None:
+        """Keep a finished answer in both layers and both tiers."""
+        assert envelope.result is not None
+        now, ttl_s = envelope.stage_entered_at, self.freshness.ttl_s(envelope.request)
+        self.exact.store(envelope.fingerprint, envelope.result, ttl_s, now, partition)
+        await write_l2(self.pipeline, envelope.fingerprint, envelope.result, now + ttl_s)
+        query = self.query(envelope)
+        if query is None or self.semantic is None or envelope.embedding is None:
             return
-        context, vector, text = query
-        self.index.add(context, vector, text, envelope.result.model_copy(deep=True), now, ttl_s)
+        record = self.semantic.store(
+            query, envelope.fingerprint, envelope.embedding, now + ttl_s, now, partition
+        )
+        await push_group(self.pipeline, query.group, record, ttl_s)
 
 
-def semantic_cache(pipeline: Pipeline) -> SemanticCache | None:
-    """The worker's one semantic layer, shared by cache and postprocess; None when off."""
-    settings = pipeline.settings.semantic
-    if not settings.enabled:
-        return None
-    return pipeline.shared(SEMANTIC, lambda: SemanticCache(settings))
+def caches(pipeline: Pipeline) -> Caches:
+    """The worker's one `Caches`."""
+    return pipeline.shared("caches", lambda: Caches(pipeline))
 
 
-async def read_l2(pipeline: Pipeline, key: str) -> Result | None:
+class StoredAnswer(BaseModel):
+    """An L2 answer: the result and when it stops being true."""
+
+    result: Result
+    expires_at: float
+
+
+async def read_l2(pipeline: Pipeline, key: str) -> tuple[Result, float] | None:
+    """The shared tier's answer for `key` and its remaining TTL; a fault is a miss."""
     try:
         raw = await pipeline.cache_store.get(key)
     except (RedisError, OSError) as exc:
         log.warning("L2 cache read failed, treating as a miss: %s", exc)
-        metrics.stage_events.labels(STAGE, "l2_error").inc()
+        metrics.cache_faults.labels("exact", "l2_read").inc()
         return None
     if raw is None:
         return None
     try:
-        return Result.model_validate_json(raw)
+        stored = StoredAnswer.model_validate_json(raw)
     except ValidationError:
         log.warning("L2 cache value for %s is unreadable, treating as a miss", key)
+        metrics.cache_faults.labels("exact", "l2_unreadable").inc()
         return None
+    remaining = stored.expires_at - time.time()
+    return (stored.result, remaining) if remaining > 0 else None
 
 
-async def write_l2(pipeline: Pipeline, key: str, result: Result, ttl_s: float) -> None:
+async def write_l2(pipeline: Pipeline, key: str, result: Result, expires_at: float) -> None:
+    value = StoredAnswer(result=result, expires_at=expires_at).model_dump_json().encode()
     try:
-        await pipeline.cache_store.set(key, result.model_dump_json().encode(), ttl_s)
+        await pipeline.cache_store.set(key, value, max(expires_at - time.time(), 0.001))
     except (RedisError, OSError) as exc:
         log.warning("L2 cache write failed: %s", exc)
-        metrics.stage_events.labels(STAGE, "l2_error").inc()
+        metrics.cache_faults.labels("exact", "l2_write").inc()
+
+
+async def read_group(pipeline: Pipeline, group: str) -> list[SemanticRecord]:
+    try:
+        raw = await pipeline.cache_store.newest(group)
+    except (RedisError, OSError) as exc:
+        log.warning("L2 semantic read failed, treating as a miss: %s", exc)
+        metrics.cache_faults.labels("semantic", "l2_read").inc()
+        return []
+    records = []
+    for value in raw:
+        try:
+            records.append(SemanticRecord.model_validate_json(value))
+        except ValidationError:
+            metrics.cache_faults.labels("semantic", "l2_unreadable").inc()
+    return records
+
+
+async def push_group(pipeline: Pipeline, group: str, record: SemanticRecord, ttl_s: float) -> None:
+    keep = pipeline.settings.semantic.l2_group_size
+    try:
+        await pipeline.cache_store.push(group, record.model_dump_json().encode(), ttl_s, keep)
+    except (RedisError, OSError) as exc:
+        log.warning("L2 semantic write failed: %s", exc)
+        metrics.cache_faults.labels("semantic", "l2_write").inc()
 
 
 def attach(pipeline: Pipeline) -> None:
-    cache = exact_cache(pipeline)
-    semantic = semantic_cache(pipeline)
-    ttl_s = pipeline.settings.cache.ttl_s
+    layers = caches(pipeline)
 
     async def cache_lookup(event: EventT[bytes], envelope: Envelope) -> None:
-        if not envelope.request.cache.read:
-            await pipeline.send("route", envelope)
-            return
-        key, now, partition = (
-            envelope.fingerprint,
-            envelope.stage_entered_at,
-            event.message.partition,
-        )
-        result = cache.lookup(key, now, partition)
-        if result is not None:
-            result.cache_tier = "l1"
-        else:
-            result = await read_l2(pipeline, key)
-            if result is not None:
-                result.cache_tier = "l2"
-                cache.store(key, result, envelope.request.cache.ttl_s or ttl_s, now, partition)
-        metrics.count_cache_lookup("exact", result is not None)
-        if result is None and semantic is not None:
-            result = semantic.lookup(envelope, now)
-            metrics.count_cache_lookup("semantic", result is not None)
-            if result is not None:
-                result.cache_tier = "l1"
+        result = None
+        if envelope.request.cache.read:
+            result = await layers.lookup(envelope, event.message.partition)
         if result is None:
             metrics.stage_events.labels(STAGE, "miss").inc()
             await pipeline.send("route", envelope)
             return
-        kind = result.cache_kind or "exact"
-        metrics.stage_events.labels(STAGE, f"hit_{kind}_{result.cache_tier}").inc()
+        metrics.stage_events.labels(STAGE, f"hit_{result.cache_kind}_{result.cache_tier}").inc()
         envelope.result = result
         envelope.status = Status.CACHED
         await pipeline.send("postprocess", envelope)

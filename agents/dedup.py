@@ -1,8 +1,11 @@
-"""Dedup: in-flight coalescing with Go's singleflight semantics.
+"""Dedup: in-flight coalescing with Go's singleflight semantics, exact and semantic.
 
 The first request of a fingerprint leads and goes on; identical requests that arrive while
-it is in flight wait as followers and get its answer when postprocess releases them. The
-in-flight entries live in a Table keyed by fingerprint, co-partitioned with postprocess.
+it is in flight wait as followers and get its answer when postprocess releases them. With
+the semantic layer on, a request near-identical to an in-flight leader (same context key,
+same guard terms, cosine at the namespace's threshold: the semantic cache's rules) follows
+it too. The in-flight entries live in a Table keyed by fingerprint, co-partitioned with
+postprocess; the leaders' embeddings are indexed per partition in memory.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from faust.types import EventT
 
+from agents.cache import SemanticQuery, semantic_query
+from agents.semantic import SemanticIndex
 from schemas.messages import Envelope
 from streams import metrics
 from streams.app import Pipeline
-from topology.settings import DedupSettings
+from topology.settings import DedupSettings, SemanticCacheSettings
 
 STAGE = "dedup"
 TABLE = "dedup-inflight"
@@ -35,6 +40,7 @@ class InflightEntry:
     started_at: float
     followers: list[dict[str, Any]]
     follower_bytes: int = 0
+    partition: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -42,6 +48,7 @@ class InflightEntry:
             "started_at": self.started_at,
             "followers": self.followers,
             "follower_bytes": self.follower_bytes,
+            "partition": self.partition,
         }
 
     @classmethod
@@ -51,40 +58,116 @@ class InflightEntry:
             float(value["started_at"]),
             list(value["followers"]),
             int(value.get("follower_bytes", 0)),
+            value.get("partition"),
         )
 
 
 class InflightRegistry:
-    """Which fingerprint is in flight, led by whom, and who waits for it."""
+    """Which fingerprint is in flight, led by whom, and who waits for it.
 
-    def __init__(self, entries: MutableMapping[str, Any], settings: DedupSettings) -> None:
+    An entry is written only in events of its own partition (a Table's changelog goes to
+    the partition of the event at hand); a duplicate that lands elsewhere goes alone.
+    """
+
+    def __init__(
+        self,
+        entries: MutableMapping[str, Any],
+        settings: DedupSettings,
+        semantic: SemanticCacheSettings | None = None,
+    ) -> None:
         self.entries = entries
         self.settings = settings
+        self.semantic = semantic
+        self._leaders: dict[int, SemanticIndex[str]] = {}
+        self._leader_ids: dict[str, tuple[int, str, int]] = {}
 
-    def admit(self, envelope: Envelope, now: float) -> Admission:
+    def admit(self, envelope: Envelope, now: float, partition: int = 0) -> Admission:
         if not envelope.request.cache.read:
             return Admission.ALONE
         key = envelope.fingerprint
-        stored = self.entries.get(key)
-        entry = InflightEntry.from_json(stored) if stored is not None else None
+        entry = self._entry(key)
         if entry is not None and entry.leader == envelope.request.id:
             return Admission.LEAD  # the leader redelivered: it must not wait for itself
-        if entry is not None and now - entry.started_at < self.settings.lock_timeout_s:
-            # The entry is one Table value, one changelog record: bound it by bytes too.
-            size = len(envelope.model_dump_json())
-            too_big = entry.follower_bytes + size > self.settings.max_follower_bytes
-            if len(entry.followers) >= self.settings.max_followers or too_big:
-                return Admission.ALONE
-            entry.followers.append(envelope.model_dump(mode="json"))
-            entry.follower_bytes += size
-            self.entries[key] = entry.to_json()
-            return Admission.FOLLOW
+        if entry is not None and entry.partition not in (None, partition):
+            return Admission.ALONE
+        if entry is not None and self._live(entry, now):
+            return self._follow(key, entry, envelope, "exact")
+        query = semantic_query(envelope, self.semantic) if self.semantic else None
+        if entry is None and query is not None:
+            near = self._near_leader(query, now, partition)
+            if near is not None:
+                return self._follow(near[0], near[1], envelope, "semantic")
         if entry is None:
-            entry = InflightEntry(envelope.request.id, now, [])
+            entry = InflightEntry(envelope.request.id, now, [], partition=partition)
         else:
             entry.leader, entry.started_at = envelope.request.id, now
         self.entries[key] = entry.to_json()
+        if query is not None:
+            self._index_leader(key, query, now, partition)
         return Admission.LEAD
+
+    def _entry(self, key: str) -> InflightEntry | None:
+        stored = self.entries.get(key)
+        return InflightEntry.from_json(stored) if stored is not None else None
+
+    def _live(self, entry: InflightEntry, now: float) -> bool:
+        return now - entry.started_at < self.settings.lock_timeout_s
+
+    def _follow(
+        self,
+        key: str,
+        entry: InflightEntry,
+        envelope: Envelope,
+        kind: Literal["exact", "semantic"],
+    ) -> Admission:
+        # The entry is one Table value, one changelog record: bound it by bytes too.
+        envelope.merge_kind = kind
+        follower = envelope.model_dump(mode="json")
+        size = len(envelope.model_dump_json())
+        too_big = entry.follower_bytes + size > self.settings.max_follower_bytes
+        if len(entry.followers) >= self.settings.max_followers or too_big:
+            envelope.merge_kind = None
+            return Admission.ALONE
+        entry.followers.append(follower)
+        entry.follower_bytes += size
+        self.entries[key] = entry.to_json()
+        return Admission.FOLLOW
+
+    def _near_leader(
+        self, query: SemanticQuery, now: float, partition: int
+    ) -> tuple[str, InflightEntry] | None:
+        """A live leader of this partition whose request is near-identical to `query`."""
+        assert self.semantic is not None
+        index = self._leaders.get(partition)
+        if index is None:
+            return None
+        threshold = self.semantic.threshold_for(query.namespace)
+        found = index.lookup(query.context, query.vector, query.text, now, threshold)
+        if found is None:
+            return None
+        entry = self._entry(found.answer)
+        if entry is None or entry.partition != partition or not self._live(entry, now):
+            return None
+        return found.answer, entry
+
+    def _index_leader(self, key: str, query: SemanticQuery, now: float, partition: int) -> None:
+        assert self.semantic is not None
+        self._unindex_leader(key)
+        index = self._leaders.get(partition)
+        if index is None:
+            index = self._leaders[partition] = SemanticIndex(
+                self.semantic.model_copy(update={"adaptive": False})
+            )
+        entry_id = index.add(
+            query.context, query.vector, query.text, key, now, self.settings.lock_timeout_s
+        )
+        self._leader_ids[key] = (partition, query.context, entry_id)
+
+    def _unindex_leader(self, key: str) -> None:
+        where = self._leader_ids.pop(key, None)
+        if where is not None:
+            partition, context, entry_id = where
+            self._leaders[partition].remove(context, entry_id)
 
     def followers(self, fingerprint: str, leader: str) -> list[Envelope]:
         """Who waits for `leader`; the entry stays until `end`, so a crash loses nobody."""
@@ -97,19 +180,30 @@ class InflightRegistry:
         stored = self.entries.get(fingerprint)
         if stored is not None and stored["leader"] == leader:
             del self.entries[fingerprint]
+            self._unindex_leader(fingerprint)
 
 
 def inflight_registry(pipeline: Pipeline) -> InflightRegistry:
-    """The registry over the in-flight Table, which dedup and postprocess share."""
-    return InflightRegistry(pipeline.table(TABLE), pipeline.settings.dedup)
+    """The worker's one registry over the in-flight Table, shared by dedup and postprocess."""
+    semantic = pipeline.settings.semantic
+
+    def make() -> InflightRegistry:
+        return InflightRegistry(
+            pipeline.table(TABLE), pipeline.settings.dedup, semantic if semantic.enabled else None
+        )
+
+    return pipeline.shared(TABLE, make)
 
 
 def attach(pipeline: Pipeline) -> None:
     registry = inflight_registry(pipeline)
 
-    async def dedup(_event: EventT[bytes], envelope: Envelope) -> None:
-        admission = registry.admit(envelope, envelope.stage_entered_at)
-        metrics.stage_events.labels(STAGE, admission.value).inc()
+    async def dedup(event: EventT[bytes], envelope: Envelope) -> None:
+        admission = registry.admit(envelope, envelope.stage_entered_at, event.message.partition)
+        outcome = admission.value
+        if admission is Admission.FOLLOW:
+            outcome = f"follow_{envelope.merge_kind}"
+        metrics.stage_events.labels(STAGE, outcome).inc()
         metrics.recent_merges.add(admission is Admission.FOLLOW)
         if admission is not Admission.FOLLOW:
             await pipeline.send("cache", envelope)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from faust.types import EventT
 
-from agents.cache import cacheable, exact_cache, semantic_cache, write_l2
+from agents.cache import cacheable, caches
 from agents.dedup import inflight_registry
 from schemas.messages import Envelope, ErrorCode, Status
 from streams import metrics
@@ -42,27 +42,13 @@ def merged_answer(follower: Envelope, leader: Envelope) -> Envelope:
 
 
 def attach(pipeline: Pipeline) -> None:
-    cache = exact_cache(pipeline)
-    semantic = semantic_cache(pipeline)
+    layers = caches(pipeline)
     inflight = inflight_registry(pipeline)
-    default_ttl = pipeline.settings.cache.ttl_s
 
     async def postprocess(event: EventT[bytes], envelope: Envelope) -> None:
         finish(envelope)
         if cacheable(envelope):
-            assert envelope.result is not None
-            ttl = envelope.request.cache.ttl_s or default_ttl
-            evicted = cache.store(
-                envelope.fingerprint,
-                envelope.result,
-                ttl,
-                envelope.stage_entered_at,
-                event.message.partition,
-            )
-            metrics.stage_events.labels(STAGE, "cache_evicted").inc(evicted)
-            await write_l2(pipeline, envelope.fingerprint, envelope.result, ttl)
-            if semantic is not None:
-                semantic.store(envelope, ttl, envelope.stage_entered_at)
+            await layers.store(envelope, event.message.partition)
         followers = inflight.followers(envelope.fingerprint, envelope.request.id)
         metrics.stage_events.labels(STAGE, "released").inc(len(followers))
         await pipeline.send("respond", envelope)

@@ -1,4 +1,8 @@
-"""The L2 cache interface shared by all workers; drivers live in `streams.drivers`."""
+"""The L2 cache interface shared by all workers; drivers live in `streams.drivers`.
+
+Two shapes: answers by key, and groups of the newest few records under one key (the
+semantic layer's entries of one context and LSH bucket, which a worker scans itself).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,13 @@ class CacheStore(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    async def push(self, group: str, value: bytes, ttl_s: float, keep: int) -> None:
+        """Add `value` as the newest of `group`, which keeps its `keep` newest and
+        expires `ttl_s` after its last push."""
+
+    async def newest(self, group: str) -> list[bytes]:
+        """The values of `group`, newest first."""
 
     async def close(self) -> None: ...
 

@@ -55,6 +55,16 @@ batch_size = Histogram(
 cache_lookups = Counter(
     "llmflow_cache_lookups_total", "Cache lookups by kind and outcome", ["kind", "outcome"]
 )
+cache_evictions = Counter(
+    "llmflow_cache_evictions_total",
+    "Cache entries removed by the size bound or expiry, by kind",
+    ["kind", "reason"],
+)
+cache_faults = Counter(
+    "llmflow_cache_faults_total",
+    "Cache and embedding faults that degraded a lookup or a store to a miss",
+    ["kind", "fault"],
+)
 cache_hit_rate_by_type = Gauge(
     "llmflow_cache_hit_rate_by_type",
     "Share of this worker's recent lookups of each cache kind that hit",

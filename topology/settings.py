@@ -90,6 +90,7 @@ def default_tables() -> dict[str, str]:
         "ratelimit-buckets": "ratelimit",
         "dedup-inflight": "dedup",
         "cache-exact": "cache",
+        "cache-semantic": "cache",
     }
 
 
@@ -208,9 +209,29 @@ class DedupSettings(Section):
     max_follower_bytes: int = Field(default=512 * 1024, description="per in-flight entry")
 
 
+VOLATILE_TERMS = (
+    *"today tonight tomorrow yesterday now currently current latest recent recently".split(),
+    *"newest breaking live news headlines weather forecast price prices stock stocks".split(),
+    *"score scores standings traffic trending".split(),
+    "exchange rate",
+    "this week",
+    "this month",
+    "this year",
+)
+
+
 class CacheSettings(Section):
+    """Exact-layer bounds, and how long answers live by how fast their truth changes."""
+
     ttl_s: float = 3600.0
     max_entries_per_partition: int = 10000
+    volatile_ttl_s: float = Field(
+        default=300.0, gt=0, description="for questions about the present (volatile_terms)"
+    )
+    volatile_terms: list[str] = Field(
+        default_factory=lambda: list(VOLATILE_TERMS),
+        description="words or phrases that make a question's answer age fast",
+    )
 
 
 class SemanticCacheSettings(Section):
@@ -231,7 +252,10 @@ class SemanticCacheSettings(Section):
     shared_namespaces: list[str] = Field(
         default_factory=list, description="namespaces tenants may share via cache_namespace"
     )
-    max_entries: int = Field(default=10000, ge=1, description="per index; LRU-2 evicts")
+    max_entries: int = Field(default=10000, ge=1, description="per partition; LRU-2 evicts")
+    l2_group_size: int = Field(
+        default=64, ge=1, description="newest entries kept in Redis per context and LSH bucket"
+    )
     ttl_s: float = Field(default=3600.0, gt=0)
     adaptive: bool = Field(default=False, description="learn a threshold per entry")
     delta: float = Field(default=0.01, gt=0.0, lt=1.0, description="false-hit bound per entry")

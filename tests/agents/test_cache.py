@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agents.cache import ExactCache, SemanticCache, cacheable
+from agents.cache import (
+    ExactCache,
+    Freshness,
+    SemanticCache,
+    SemanticRecord,
+    cacheable,
+    semantic_query,
+)
 from schemas.messages import (
     Envelope,
     ErrorCode,
@@ -18,6 +25,7 @@ from schemas.messages import (
     Usage,
     encode_embedding,
 )
+from streams import metrics
 from topology.settings import CacheSettings, EmbeddingSettings, SemanticCacheSettings, Settings
 
 
@@ -179,19 +187,47 @@ def asking(
     return Envelope(request=request, embedding=embedding, result=result(), status=Status.OK)
 
 
+SETTINGS = SemanticCacheSettings(enabled=True, threshold=0.9, max_entries=2)
+
+
 @pytest.fixture
-def semantic() -> SemanticCache:
-    return SemanticCache(SemanticCacheSettings(enabled=True, threshold=0.9))
+def records() -> dict[str, Any]:
+    return {}
 
 
-def test_a_near_repeat_is_served_as_a_semantic_copy(semantic: SemanticCache) -> None:
-    stored = asking("How do I reverse a list in Python?", BASE)
-    semantic.store(stored, ttl_s=60.0, now=0.0)
-    hit = semantic.lookup(asking("How can I reverse a Python list?", near(BASE, 0.95)), 1.0)
-    assert hit is not None and hit.cache_kind == "semantic" and hit.output == "Paris"
-    hit.output = "changed"
-    again = semantic.lookup(asking("How can I reverse a Python list?", near(BASE, 0.95)), 1.0)
-    assert again is not None and again.output == "Paris"
+@pytest.fixture
+def semantic(records: dict[str, Any]) -> SemanticCache:
+    return SemanticCache(SETTINGS, records)
+
+
+def store(semantic: SemanticCache, env: Envelope, ttl_s: float = 60.0, partition: int = 0) -> str:
+    """Keep `env` under a fingerprint made of its text; returns the fingerprint."""
+    query = semantic_query(env, SETTINGS)
+    assert query is not None and env.embedding is not None
+    fingerprint = env.request.id
+    semantic.store(query, fingerprint, env.embedding, ttl_s, 0.0, partition)
+    return fingerprint
+
+
+def match(
+    semantic: SemanticCache, env: Envelope, now: float = 1.0, partition: int = 0
+) -> str | None:
+    query = semantic_query(env, SETTINGS)
+    return None if query is None else semantic.match(query, now, partition)
+
+
+STORED = asking("How do I reverse a list in Python?", BASE)
+NEAR = asking("How can I reverse a Python list?", near(BASE, 0.95))
+
+
+def test_a_near_repeat_maps_to_the_fingerprint_of_the_stored_answer(
+    semantic: SemanticCache, records: dict[str, Any]
+) -> None:
+    fingerprint = store(semantic, STORED)
+    assert match(semantic, NEAR) == fingerprint
+    assert (
+        SemanticRecord.model_validate(records[fingerprint]).text == STORED.request.last_user_turn()
+    )
 
 
 @pytest.mark.parametrize(
@@ -206,13 +242,98 @@ def test_a_near_repeat_is_served_as_a_semantic_copy(semantic: SemanticCache) -> 
     ],
 )
 def test_what_the_semantic_layer_never_serves(semantic: SemanticCache, other: Envelope) -> None:
-    semantic.store(asking("How do I reverse a list in Python?", BASE), ttl_s=60.0, now=0.0)
-    assert semantic.lookup(other, 1.0) is None
+    store(semantic, STORED)
+    assert match(semantic, other) is None
 
 
-def test_semantic_entries_expire(semantic: SemanticCache) -> None:
-    semantic.store(asking("How do I reverse a list in Python?", BASE), ttl_s=5.0, now=0.0)
-    assert semantic.lookup(asking("How do I reverse a list in Python?", BASE), 6.0) is None
+def test_entries_are_per_partition(semantic: SemanticCache) -> None:
+    store(semantic, STORED, partition=1)
+    assert match(semantic, NEAR, partition=2) is None
+
+
+def test_semantic_entries_expire_and_leave_the_table(
+    semantic: SemanticCache, records: dict[str, Any]
+) -> None:
+    store(semantic, STORED, ttl_s=5.0)
+    assert match(semantic, NEAR, now=6.0) is None
+    assert records == {}
+
+
+def test_the_bound_evicts_from_the_index_and_the_table(
+    semantic: SemanticCache, records: dict[str, Any]
+) -> None:
+    evicted = metrics.cache_evictions.labels("semantic", "evicted")
+    before = evicted._value.get()
+    for i, text in enumerate(["What is Kafka?", "What is Redis?", "What is Faust?"]):
+        store(semantic, asking(text, near(BASE, 0.5, seed=i)))
+    assert len(records) == SETTINGS.max_entries
+    assert evicted._value.get() == before + 1
+
+
+def test_rebuild_indexes_what_the_table_recovered(records: dict[str, Any]) -> None:
+    fingerprint = store(SemanticCache(SETTINGS, records), STORED, partition=3)
+    records["broken"] = {"fingerprint": "x"}
+    recovered = SemanticCache(SETTINGS, records)
+    assert recovered.rebuild(now=1.0) == 1
+    assert match(recovered, NEAR, partition=3) == fingerprint
+
+
+def test_l2_records_are_matched_under_the_same_rules(semantic: SemanticCache) -> None:
+    query = semantic_query(NEAR, SETTINGS)
+    assert query is not None and STORED.embedding is not None
+    stored_query = semantic_query(STORED, SETTINGS)
+    assert stored_query is not None
+
+    def record(fingerprint: str, context: str, expires_at: float) -> SemanticRecord:
+        text = STORED.request.last_user_turn()
+        assert text is not None and STORED.embedding is not None
+        return SemanticRecord(
+            fingerprint=fingerprint,
+            context=context,
+            text=text,
+            embedding=STORED.embedding,
+            expires_at=expires_at,
+            partition=0,
+        )
+
+    foreign = record("other-context", "another", 100.0)
+    expired = record("expired", stored_query.context, 0.5)
+    live = record("live", stored_query.context, 100.0)
+    assert semantic.best(query, [foreign, expired], now=1.0) is None
+    assert semantic.best(query, [foreign, expired, live], now=1.0) == "live"
+
+
+def test_forget_drops_an_entry_whose_answer_is_gone(
+    semantic: SemanticCache, records: dict[str, Any]
+) -> None:
+    fingerprint = store(semantic, STORED)
+    semantic.forget(fingerprint)
+    assert match(semantic, NEAR) is None and records == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "ttl_s"),
+    [
+        ("How do I reverse a list in Python?", 3600.0),
+        ("What is the weather in Oslo today?", 300.0),
+        ("Latest news about Kafka", 300.0),
+        ("What is the EUR to USD exchange  rate?", 300.0),
+        ("Why is snow white?", 3600.0),
+    ],
+)
+def test_questions_about_the_present_are_kept_briefly(text: str, ttl_s: float) -> None:
+    request = LLMRequest(id="r", tenant="acme", messages=[{"role": "user", "content": text}])
+    assert Freshness(CacheSettings()).ttl_s(request) == ttl_s
+
+
+def test_the_caller_sets_the_ttl_first() -> None:
+    request = LLMRequest(
+        id="r",
+        tenant="acme",
+        messages=[{"role": "user", "content": "news today"}],
+        cache={"ttl_s": 42.0},
+    )
+    assert Freshness(CacheSettings()).ttl_s(request) == 42.0
 
 
 def test_the_semantic_layer_needs_embeddings() -> None:
@@ -221,3 +342,21 @@ def test_the_semantic_layer_needs_embeddings() -> None:
     Settings(
         semantic=SemanticCacheSettings(enabled=True), embedding=EmbeddingSettings(enabled=True)
     )
+
+
+def test_an_unreadable_entry_is_a_counted_miss(cache: ExactCache, entries: dict[str, Any]) -> None:
+    faults = metrics.cache_faults.labels("exact", "l1_unreadable")
+    before = faults._value.get()
+    entries["k"] = {"result": {"output": 3, "nonsense": True}, "expires_at": 1e12, "partition": 0}
+    assert cache.lookup("k", now=0.0, partition=0) is None
+    assert faults._value.get() == before + 1
+
+
+def test_an_expired_entry_of_another_partition_is_left_to_its_owner(
+    cache: ExactCache, entries: dict[str, Any]
+) -> None:
+    cache.store("k", result(), ttl_s=10.0, now=0.0, partition=1)
+    assert cache.lookup("k", now=20.0, partition=2) is None
+    assert "k" in entries
+    assert cache.lookup("k", now=20.0, partition=1) is None
+    assert "k" not in entries

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from agents.dedup import Admission, InflightRegistry
-from schemas.messages import Envelope, LLMRequest
-from topology.settings import DedupSettings
+from schemas.messages import Envelope, LLMRequest, encode_embedding
+from tests.agents.test_cache import BASE, near
+from topology.settings import DedupSettings, SemanticCacheSettings
 
 FP = "f" * 64
 
@@ -36,7 +37,13 @@ def registry(entries: dict[str, Any]) -> InflightRegistry:
 def test_first_leads(registry: InflightRegistry, entries: dict[str, Any]) -> None:
     assert registry.admit(envelope("a"), now=10.0) is Admission.LEAD
     assert entries == {
-        FP: {"leader": "a", "started_at": 10.0, "followers": [], "follower_bytes": 0}
+        FP: {
+            "leader": "a",
+            "started_at": 10.0,
+            "followers": [],
+            "follower_bytes": 0,
+            "partition": 0,
+        }
     }
 
 
@@ -47,6 +54,15 @@ def test_identical_second_follows(registry: InflightRegistry, entries: dict[str,
     assert stored["leader"] == "a"
     assert stored["started_at"] == 10.0
     assert [f["request"]["id"] for f in stored["followers"]] == ["b"]
+    assert [f.merge_kind for f in registry.followers(FP, "a")] == ["exact"]
+
+
+def test_a_duplicate_on_another_partition_goes_alone(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(envelope("a"), now=10.0, partition=1)
+    assert registry.admit(envelope("b"), now=11.0, partition=2) is Admission.ALONE
+    assert entries[FP]["followers"] == []
 
 
 def test_different_fingerprints_both_lead(registry: InflightRegistry) -> None:
@@ -145,3 +161,72 @@ def test_followers_are_bounded_by_bytes_too(entries: dict[str, Any]) -> None:
     assert registry.admit(envelope("c"), now=10.0) is Admission.FOLLOW
     assert registry.admit(envelope("d"), now=10.0) is Admission.ALONE
     assert 2 * one - 10 <= entries[FP]["follower_bytes"] <= 2 * one + one // 2
+
+
+def asking(
+    request_id: str,
+    text: str,
+    vector: Any,
+    tenant: str = "acme",
+    fingerprint: str | None = None,
+) -> Envelope:
+    request = LLMRequest(id=request_id, tenant=tenant, messages=[{"role": "user", "content": text}])
+    return Envelope(
+        request=request,
+        fingerprint=fingerprint or request_id * 64,
+        embedding=encode_embedding(vector),
+    )
+
+
+ASKED = "How do I reverse a list in Python?"
+PARAPHRASE = "How can I reverse a Python list?"
+
+
+@pytest.fixture
+def merging(entries: dict[str, Any]) -> InflightRegistry:
+    semantic = SemanticCacheSettings(enabled=True, threshold=0.9)
+    return InflightRegistry(entries, DedupSettings(lock_timeout_s=60.0), semantic)
+
+
+def test_a_near_identical_request_follows_the_leader_in_flight(
+    merging: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    assert merging.admit(asking("a", ASKED, BASE), now=10.0) is Admission.LEAD
+    assert merging.admit(asking("b", PARAPHRASE, near(BASE, 0.95)), now=11.0) is Admission.FOLLOW
+    assert list(entries) == ["a" * 64], "the follower waits in the leader's entry"
+    (follower,) = merging.followers("a" * 64, "a")
+    assert follower.request.id == "b" and follower.merge_kind == "semantic"
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        asking("b", PARAPHRASE, near(BASE, 0.85)),  # below the threshold
+        asking("b", PARAPHRASE, near(BASE, 0.99), tenant="globex"),  # another tenant
+        asking("b", "How do I not reverse a list in Python?", near(BASE, 0.99)),  # negation
+        asking("b", "How do I reverse 2 lists in Python?", near(BASE, 0.99)),  # a number
+    ],
+)
+def test_what_never_merges_by_meaning(merging: InflightRegistry, other: Envelope) -> None:
+    merging.admit(asking("a", ASKED, BASE), now=10.0)
+    assert merging.admit(other, now=11.0) is Admission.LEAD
+
+
+def test_a_finished_or_stale_leader_is_not_followed(merging: InflightRegistry) -> None:
+    merging.admit(asking("a", ASKED, BASE), now=10.0)
+    merging.end("a" * 64, "a")
+    assert merging.admit(asking("b", PARAPHRASE, near(BASE, 0.95)), now=11.0) is Admission.LEAD
+    assert merging.admit(asking("c", PARAPHRASE, near(BASE, 0.95)), now=80.0) is Admission.LEAD
+
+
+def test_near_duplicates_merge_only_within_a_partition(merging: InflightRegistry) -> None:
+    merging.admit(asking("a", ASKED, BASE), now=10.0, partition=1)
+    other = asking("b", PARAPHRASE, near(BASE, 0.95))
+    assert merging.admit(other, now=11.0, partition=2) is Admission.LEAD
+
+
+def test_without_the_semantic_layer_only_identical_requests_merge(
+    registry: InflightRegistry,
+) -> None:
+    registry.admit(asking("a", ASKED, BASE), now=10.0)
+    assert registry.admit(asking("b", PARAPHRASE, near(BASE, 0.99)), now=11.0) is Admission.LEAD

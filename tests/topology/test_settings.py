@@ -132,7 +132,7 @@ def test_all_topics_lists_wire_and_stage_topics() -> None:
         "llm.feedback",
     ]
     assert "llm.stage.postprocess" in names
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
 
 
 def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() -> None:
@@ -142,6 +142,7 @@ def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() ->
         "llmflow-ratelimit-buckets-changelog",
         "llmflow-dedup-inflight-changelog",
         "llmflow-cache-exact-changelog",
+        "llmflow-cache-semantic-changelog",
     }
     assert all(t.compacted for t in changelogs.values())
     cache = changelogs["llmflow-cache-exact-changelog"]
