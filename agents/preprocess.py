@@ -210,20 +210,20 @@ class Preprocessor:
         return InvalidRequest(reason, message, request_id, reply_topic)
 
 
+def open_encoder(settings: Settings) -> Encoder:
+    """The embedding model, exported first if this machine lacks it."""
+    folder = ensure_embedding_model(Path(settings.embedding.path))
+    return Encoder(
+        folder,
+        settings.engine.device,
+        settings.engine.intra_op_threads,
+        settings.embedding.max_batch,
+    )
+
+
 def shared_encoder(pipeline: Pipeline) -> Encoder:
-    """The worker's one embedding model, exported first if this machine lacks it."""
-    settings = pipeline.settings
-
-    def load() -> Encoder:
-        folder = ensure_embedding_model(Path(settings.embedding.path))
-        return Encoder(
-            folder,
-            settings.engine.device,
-            settings.engine.intra_op_threads,
-            settings.embedding.max_batch,
-        )
-
-    return pipeline.shared(ENCODER, load)
+    """The worker's one embedding model."""
+    return pipeline.shared(ENCODER, lambda: open_encoder(pipeline.settings))
 
 
 async def embed_last_user_turns(

@@ -19,7 +19,7 @@ from streams import metrics
 from streams.cache_store import CacheStore, open_cache_store
 from streams.drivers import kafka_transport
 from streams.locality import SemanticBucketer, bucketer_for
-from topology.settings import KeyBy, Settings, TopicSpec
+from topology.settings import KeyBy, Settings, StageSpec, TopicSpec
 
 MAX_REPLY_TOPICS = 1024
 log = logging.getLogger(__name__)
@@ -43,6 +43,20 @@ def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
     if key_by == "model":
         return (envelope.model or "").encode()
     return request.id.encode()
+
+
+def destination(
+    spec: StageSpec, bucketer: SemanticBucketer, envelope: Envelope
+) -> tuple[bytes, int | None]:
+    """The key and, for an LSH bucket, the partition of `envelope` on `spec`'s topic.
+
+    A bucket picks its partition itself (Kafka's hash of the key would scatter
+    neighbouring buckets); every other key goes where the default partitioner puts it.
+    """
+    partition = None
+    if spec.key_by == "locality" and envelope.semantic_bucket is not None:
+        partition = bucketer.partition_of(envelope.semantic_bucket, spec.topic.partitions)
+    return key_of(envelope, spec.key_by), partition
 
 
 class Pipeline:
@@ -166,18 +180,9 @@ class Pipeline:
         metrics.stage_latency.labels(stage).observe(envelope.stage_latency_ms[stage] / 1e3)
 
     async def send(self, stage: str, envelope: Envelope) -> None:
-        """Hand `envelope` to `stage`, keyed as the stage graph says.
-
-        A bucket picks its partition itself (Kafka's hash of the key would scatter
-        neighbouring buckets); every other key goes where the default partitioner puts it.
-        """
-        spec = self.settings.stage(stage)
-        partition = None
-        if spec.key_by == "locality" and envelope.semantic_bucket is not None:
-            partition = self.bucketer.partition_of(envelope.semantic_bucket, spec.topic.partitions)
-        await self.stage_topics[stage].send(
-            key=key_of(envelope, spec.key_by), value=dump(envelope), partition=partition
-        )
+        """Hand `envelope` to `stage`, keyed as the stage graph says."""
+        key, partition = destination(self.settings.stage(stage), self.bucketer, envelope)
+        await self.stage_topics[stage].send(key=key, value=dump(envelope), partition=partition)
 
     async def fail(
         self,
@@ -235,7 +240,9 @@ class Pipeline:
             ratelimit,
             respond,
             route,
+            warm,
         )
 
-        for module in (preprocess, ratelimit, dedup, cache, route, batch, postprocess, respond):
+        stages = (preprocess, ratelimit, dedup, cache, route, batch, postprocess, respond, warm)
+        for module in stages:
             module.attach(self)

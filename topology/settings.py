@@ -71,7 +71,8 @@ def default_stages() -> list[StageSpec]:
     """The path of one request. Preprocess reads the public requests topic directly.
 
     `locality` is the LSH bucket of the embedding when the request has one (near-duplicates
-    meet on one partition), else the fingerprint (identical requests do).
+    meet on one partition), else the fingerprint (identical requests do). `warm` is not on
+    the path: `llmflow warm` fills the cache through it from earlier traffic.
     """
     return [
         _stage("ratelimit", "tenant"),
@@ -81,6 +82,7 @@ def default_stages() -> list[StageSpec]:
         _stage("batch", "model"),
         _stage("postprocess", "locality"),
         _stage("respond", "request_id"),
+        _stage("warm", "locality"),
     ]
 
 

@@ -4,6 +4,10 @@ Every pair gets a fresh SemanticIndex: the answer for `a` is stored under the co
 request of one tenant, then `b` (same tenant, same context) is looked up. A hit on a
 paraphrase is right; a hit on a hard negative is a false hit, the error that matters.
 This runs at several thresholds, without guards, with each guard alone and with all.
+At the configured threshold each pair also goes through the stages' own logic, as the
+pipeline would run it (float16 embeddings on envelopes, fresh state per pair): the cache
+stage's semantic layer with `a`'s answer stored, and dedup with `a` in flight. Those are
+the decisions written per pair (`cache_hit`, `merged`).
 
 The committed set (evaluation/pairs/pairs.jsonl) is split in two halves by a hash of each
 pair, its two texts unordered (a narrowed pair and its widened reverse fall together):
@@ -23,10 +27,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from agents.cache import SemanticCache, semantic_query
+from agents.dedup import Admission, InflightRegistry
 from agents.semantic import GUARD_KINDS, SemanticIndex, Vector, context_key, guards
 from inference.encoder import Encoder
-from schemas.messages import ChatMessage, LLMRequest, Role
-from topology.settings import SemanticCacheSettings, load_settings
+from schemas.messages import ChatMessage, Envelope, LLMRequest, Role, encode_embedding
+from topology.settings import DedupSettings, SemanticCacheSettings, load_settings
 
 THRESHOLDS = [round(0.80 + 0.01 * i, 2) for i in range(19)]
 GUARD_SETS: dict[str, tuple[str, ...]] = {
@@ -69,12 +75,38 @@ def embed(encoder: Encoder, texts: Sequence[str]) -> dict[str, Vector]:
     return vectors
 
 
-def _request(text: str) -> LLMRequest:
+def _request(text: str, request_id: str = "eval") -> LLMRequest:
     messages = [
         ChatMessage(role=Role.SYSTEM, content=SYSTEM_PROMPT),
         ChatMessage(role=Role.USER, content=text),
     ]
-    return LLMRequest(id="eval", tenant="eval", model="sim-small", messages=messages)
+    return LLMRequest(id=request_id, tenant="eval", model="sim-small", messages=messages)
+
+
+def _envelope(text: str, vectors: dict[str, Vector], request_id: str) -> Envelope:
+    return Envelope(
+        request=_request(text, request_id),
+        fingerprint=request_id,
+        embedding=encode_embedding(vectors[text]),
+    )
+
+
+def through_the_stages(
+    pair: dict[str, Any], vectors: dict[str, Vector], settings: SemanticCacheSettings
+) -> dict[str, bool]:
+    """Whether the cache stage serves b the answer stored for a, and whether dedup makes b
+    follow a in flight: each with fresh state, one tenant, one context."""
+    first, second = _envelope(pair["a"], vectors, "a"), _envelope(pair["b"], vectors, "b")
+    stored, asked = semantic_query(first, settings), semantic_query(second, settings)
+    assert stored is not None and asked is not None and first.embedding is not None
+    cache = SemanticCache(settings, {})
+    cache.store(stored, "a", first.embedding, expires_at=60.0, now=0.0, partition=0)
+    registry = InflightRegistry({}, DedupSettings(), settings)
+    registry.admit(first, now=0.0)
+    return {
+        "cache_hit": cache.match(asked, now=1.0, partition=0) == "a",
+        "merged": registry.admit(second, now=1.0) is Admission.FOLLOW,
+    }
 
 
 def decide(
@@ -159,9 +191,11 @@ def evaluate(
 
 
 def decisions(
-    pairs: list[dict[str, Any]], vectors: dict[str, Vector], threshold: float
+    pairs: list[dict[str, Any]], vectors: dict[str, Vector], settings: SemanticCacheSettings
 ) -> list[dict[str, Any]]:
-    """Per pair: similarity, guard terms and the decision with and without guards."""
+    """Per pair: similarity, guard terms, the index's decision with and without guards, and
+    what the cache and dedup stages decide."""
+    threshold = settings.threshold
     rows = []
     for pair in pairs:
         a, b = pair["a"], pair["b"]
@@ -173,10 +207,27 @@ def decisions(
                 "guards_b": list(guards(b)),
                 "hit_without_guards": decide(pair, vectors, threshold, ()),
                 "hit_with_guards": decide(pair, vectors, threshold, GUARD_KINDS),
+                **through_the_stages(pair, vectors, settings),
                 "split": split_of(pair),
             }
         )
     return rows
+
+
+def stage_summaries(rows: list[dict[str, Any]], split: bool) -> dict[str, Any]:
+    """Recall, precision and false-hit rate of the stages' decisions, per split if split."""
+    parts = {"all": rows}
+    if split:
+        parts |= {name: [r for r in rows if r["split"] == name] for name in SPLITS}
+    return {
+        name: {
+            stage: {
+                k: v for k, v in summarise(part, [r[stage] for r in part]).items() if k != "kinds"
+            }
+            for stage in ("cache_hit", "merged")
+        }
+        for name, part in parts.items()
+    }
 
 
 def at(report: dict[str, Any], guard_set: str, threshold: float) -> dict[str, Any]:
@@ -266,8 +317,17 @@ def run(args: argparse.Namespace) -> int:
     split = is_committed_set(path) or any("split" in p for p in pairs)
     report = evaluate_splits(pairs, vectors, sorted({*THRESHOLDS, threshold}), split)
     report["default_threshold"] = threshold
-    report["decisions"] = decisions(pairs, vectors, threshold)
+    report["decisions"] = decisions(pairs, vectors, settings.semantic)
+    report["stages"] = stage_summaries(report["decisions"], split)
     print(table(report, threshold))
+    print(f"\nthrough the cache and dedup stages at {threshold}:")
+    for name, stages in report["stages"].items():
+        for stage, numbers in stages.items():
+            print(
+                f"  {name:4} {stage:9} recall {numbers['recall']:.3f}  precision "
+                f"{numbers['precision']:.3f}  false-hit rate {numbers['false_hit_rate']:.4f} "
+                f"({numbers['false_hits']} false hits)"
+            )
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
     if args.plot:

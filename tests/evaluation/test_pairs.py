@@ -59,6 +59,14 @@ def test_eval_pairs_on_a_sample(tmp_path: Path, pairs: list[dict[str, object]]) 
     assert main(["eval-pairs", "--pairs", str(source), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert len(report["decisions"]) == len(sample)
+    # The cache and dedup stages apply one rule, the index's with all guards, on float16
+    # embeddings: they agree with each other always and with the index but at the edge.
+    rows = report["decisions"]
+    assert all(r["cache_hit"] == r["merged"] for r in rows)
+    agree = sum(r["cache_hit"] == r["hit_with_guards"] for r in rows)
+    assert agree >= len(rows) - 1
+    assert any(r["cache_hit"] for r in rows) and not all(r["cache_hit"] for r in rows)
+    assert set(report["stages"]) == {"all"}
     for rows in report["by_guards"].values():
         for row in rows:
             assert 0.0 <= row["precision"] <= 1.0

@@ -132,7 +132,7 @@ def test_all_topics_lists_wire_and_stage_topics() -> None:
         "llm.feedback",
     ]
     assert "llm.stage.postprocess" in names
-    assert len(names) == len(set(names)) == 16
+    assert len(names) == len(set(names)) == 17
 
 
 def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() -> None:

@@ -67,3 +67,22 @@ async def test_close_clears(clock: Clock) -> None:
     await store.set("a", b"1", ttl_s=60)
     await store.close()
     assert await store.get("a") is None
+
+
+async def test_a_group_keeps_its_newest_values_first(clock: Clock) -> None:
+    store = MemoryCacheStore(2)
+    for value in (b"1", b"2", b"3"):
+        await store.push("g", value, ttl_s=10.0, keep=2)
+    assert await store.newest("g") == [b"3", b"2"]
+    assert await store.newest("other") == []
+
+
+async def test_a_group_expires_after_its_last_push(clock: Clock) -> None:
+    store = MemoryCacheStore(2)
+    await store.push("g", b"1", ttl_s=10.0, keep=2)
+    clock.now += 9
+    await store.push("g", b"2", ttl_s=10.0, keep=2)
+    clock.now += 9
+    assert await store.newest("g") == [b"2", b"1"]
+    clock.now += 2
+    assert await store.newest("g") == []

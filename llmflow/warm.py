@@ -1,0 +1,112 @@
+"""`llmflow warm`: fill the cache from the traffic the request and response topics hold.
+
+Reads both topics from their start to their current end, pairs each request with the
+model answer it got (`agents.warm.answered_pairs`), preprocesses the requests as the
+pipeline does (fingerprint, and with the semantic layer on, embedding and LSH bucket) and
+publishes them to the warm stage, which the workers store like postprocess does. Use it
+after a cold start, or to seed a new deployment from an old one's topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from tqdm import tqdm
+
+from agents.preprocess import InvalidRequest, Preprocessor, embed_last_user_turns, open_encoder
+from agents.warm import STAGE, answered_pairs, warm_envelope
+from schemas.messages import Envelope, dump
+from streams.app import destination
+from streams.locality import bucketer_for
+from topology.settings import Settings
+
+
+async def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    """Every value `topic` holds now, all partitions, oldest first within each."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not assigned:
+            return []
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        ends = await consumer.end_offsets(assigned)
+        values: list[bytes] = []
+
+        async def behind() -> bool:
+            positions = [await consumer.position(tp) for tp in assigned]
+            return any(at < ends[tp] for at, tp in zip(positions, assigned, strict=True))
+
+        while await behind():
+            batches = await consumer.getmany(*assigned, timeout_ms=1000)
+            for records in batches.values():
+                values.extend(r.value for r in records if r.value is not None)
+        return values
+    finally:
+        await consumer.stop()
+
+
+@dataclass
+class WarmReport:
+    requests: int = 0
+    responses: int = 0
+    answered: int = 0
+    sent: int = 0
+    invalid: int = 0
+
+
+async def warm(
+    settings: Settings, requests_topic: str, responses_topic: str, progress: bool = True
+) -> WarmReport:
+    requests = await read_topic(settings, requests_topic)
+    responses = await read_topic(settings, responses_topic)
+    pairs = list(answered_pairs(requests, responses))
+    report = WarmReport(len(requests), len(responses), len(pairs))
+    preprocessor = Preprocessor(settings)
+    encoder = open_encoder(settings) if settings.semantic.enabled else None
+    bucketer = bucketer_for(settings)
+    spec = settings.stage(STAGE)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    try:
+        size = settings.embedding.max_batch
+        with tqdm(total=len(pairs), desc="warming", unit="answer", disable=not progress) as bar:
+            for start in range(0, len(pairs), size):
+                envelopes: list[Envelope] = []
+                for raw, response in pairs[start : start + size]:
+                    try:
+                        envelopes.append(warm_envelope(preprocessor.parse(raw), response))
+                    except InvalidRequest:
+                        report.invalid += 1
+                if encoder is not None:
+                    await embed_last_user_turns(encoder, bucketer, envelopes)
+                for envelope in envelopes:
+                    key, partition = destination(spec, bucketer, envelope)
+                    await producer.send(
+                        spec.topic.name, value=dump(envelope), key=key, partition=partition
+                    )
+                    report.sent += 1
+                bar.update(min(size, len(pairs) - start))
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return report
+
+
+def run(settings: Settings, requests_topic: str, responses_topic: str) -> int:
+    report = asyncio.run(warm(settings, requests_topic, responses_topic))
+    print(
+        f"read {report.requests} requests and {report.responses} responses from "
+        f"{requests_topic} and {responses_topic}; {report.answered} had a model answer; "
+        f"sent {report.sent} to the cache ({report.invalid} invalid requests skipped)"
+    )
+    return 0
