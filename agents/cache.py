@@ -18,6 +18,7 @@ released. Every fault of the cache (an unreadable entry, an L2 outage) is a miss
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from collections import OrderedDict
@@ -31,8 +32,15 @@ from faust.types import EventT
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from agents.semantic import Drop, SemanticIndex, context_key, namespace
-from schemas.messages import Envelope, LLMRequest, Result, Status, decode_embedding
+from agents.semantic import WHITESPACE, Drop, Match, SemanticIndex, context_key, namespace
+from schemas.messages import (
+    Envelope,
+    LLMRequest,
+    Result,
+    SemanticCheck,
+    Status,
+    decode_embedding,
+)
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import CacheSettings, SemanticCacheSettings
@@ -206,13 +214,19 @@ class SemanticCache:
         if not self._rebuilding:  # a Table is written in an event of its partition only
             self.records.pop(fingerprint, None)
 
-    def match(self, query: SemanticQuery, now: float, partition: int) -> str | None:
-        """The fingerprint whose answer serves `query`, from this partition's index."""
+    def match(self, query: SemanticQuery, now: float, partition: int) -> Match[str] | None:
+        """The entry (its answer: a fingerprint) that serves `query`, from this partition."""
         threshold = self.settings.threshold_for(query.namespace)
-        found = self._index(partition).lookup(
+        return self._index(partition).lookup(
             query.context, query.vector, query.text, now, threshold
         )
-        return None if found is None else found.answer
+
+    def observe(self, check: SemanticCheck, correct: bool, partition: int) -> None:
+        """Whether a held-back hit was right: the entry's adaptive threshold learns from it."""
+        match = Match(
+            check.context, check.entry_id, check.fingerprint, check.similarity, check.threshold
+        )
+        self._index(partition).observe(match, correct)
 
     def best(self, query: SemanticQuery, records: list[SemanticRecord], now: float) -> str | None:
         """The fingerprint of the record (from L2) that serves `query`, under the same rules."""
@@ -299,6 +313,11 @@ class SemanticCache:
             self._index(partition).remove(context, entry_id)
 
 
+def same_answer(first: str, second: str) -> bool:
+    """Answers equal but for case and spacing: what a deterministic model repeats."""
+    return WHITESPACE.sub(" ", first).strip().lower() == WHITESPACE.sub(" ", second).strip().lower()
+
+
 class Caches:
     """The exact and semantic layers of one worker, shared by cache and postprocess so both
     see one recency order and one index."""
@@ -308,6 +327,7 @@ class Caches:
         self.exact = ExactCache(pipeline.table(TABLE), pipeline.settings.cache)
         self.freshness = Freshness(pipeline.settings.cache)
         self.semantic: SemanticCache | None = None
+        self._random = random.Random()
         settings = pipeline.settings.semantic
         if settings.enabled:
             table = pipeline.table(SEMANTIC_TABLE)
@@ -335,7 +355,7 @@ class Caches:
         query = self.query(envelope)
         if query is None or self.semantic is None:
             return None
-        result = await self._near(query, now, partition)
+        result = await self._near(envelope, query, now, partition)
         metrics.count_cache_lookup("semantic", result is not None)
         return result
 
@@ -352,13 +372,26 @@ class Caches:
         result.cache_tier = "l2"
         return result
 
-    async def _near(self, query: SemanticQuery, now: float, partition: int) -> Result | None:
+    async def _near(
+        self, envelope: Envelope, query: SemanticQuery, now: float, partition: int
+    ) -> Result | None:
         assert self.semantic is not None
-        fingerprint = self.semantic.match(query, now, partition)
-        if fingerprint is not None:
-            result = await self._answer(fingerprint, now, partition)
+        found = self.semantic.match(query, now, partition)
+        if found is not None:
+            result = await self._answer(found.answer, now, partition)
             if result is None:
-                self.semantic.forget(fingerprint)
+                self.semantic.forget(found.answer)
+                return None
+            if self._verify():
+                envelope.semantic_check = SemanticCheck(
+                    fingerprint=found.answer,
+                    context=found.context,
+                    entry_id=found.entry_id,
+                    similarity=found.similarity,
+                    threshold=found.threshold,
+                    output=result.output or "",
+                )
+                metrics.stage_events.labels(STAGE, "semantic_verify").inc()
                 return None
         else:
             records = await read_group(self.pipeline, query.group)
@@ -375,6 +408,21 @@ class Caches:
             result.cache_tier = "l2"
         result.cache_kind = "semantic"
         return result
+
+    def _verify(self) -> bool:
+        """Whether to hold this hit back for the model to check (adaptive thresholds)."""
+        assert self.semantic is not None
+        settings = self.semantic.settings
+        return settings.adaptive and self._random.random() < settings.verify_share
+
+    def observe(self, envelope: Envelope, partition: int) -> None:
+        """Judge a held-back hit by the model's answer: the same text, or a false hit."""
+        check, result = envelope.semantic_check, envelope.result
+        if check is None or self.semantic is None or result is None or not result.output:
+            return
+        correct = same_answer(result.output, check.output)
+        metrics.stage_events.labels(STAGE, f"semantic_verified_{correct}".lower()).inc()
+        self.semantic.observe(check, correct, partition)
 
     async def store(self, envelope: Envelope, partition: int) -> None:
         """Keep a finished answer in both layers and both tiers."""

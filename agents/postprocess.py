@@ -47,6 +47,7 @@ def attach(pipeline: Pipeline) -> None:
 
     async def postprocess(event: EventT[bytes], envelope: Envelope) -> None:
         finish(envelope)
+        layers.observe(envelope, event.message.partition)
         if cacheable(envelope):
             await layers.store(envelope, event.message.partition)
         followers = inflight.followers(envelope.fingerprint, envelope.request.id)

@@ -205,6 +205,19 @@ class Result(BaseModel):
     )
 
 
+class SemanticCheck(BaseModel):
+    """A semantic hit held back so the model's own answer can say whether it was right."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str
+    context: str
+    entry_id: int
+    similarity: float
+    threshold: float
+    output: str
+
+
 class Envelope(WireModel):
     """The internal message between stages: the request plus what stages learnt about it."""
 
@@ -228,6 +241,7 @@ class Envelope(WireModel):
         default=None,
         description="LSH bucket of the embedding: near-duplicates share it, and so a partition",
     )
+    semantic_check: SemanticCheck | None = None
 
     def mark(self, stage: str, now: float | None = None) -> None:
         """Charge the time since the previous stage handed over (queue + work) to `stage`."""

@@ -260,6 +260,12 @@ class SemanticCacheSettings(Section):
     )
     ttl_s: float = Field(default=3600.0, gt=0)
     adaptive: bool = Field(default=False, description="learn a threshold per entry")
+    verify_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="adaptive: share of semantic hits asked of the model instead, to learn from",
+    )
     delta: float = Field(default=0.01, gt=0.0, lt=1.0, description="false-hit bound per entry")
     min_observations: int = Field(default=20, ge=1, description="before an entry may loosen")
 

@@ -14,6 +14,7 @@ from agents.cache import (
     SemanticCache,
     SemanticRecord,
     cacheable,
+    same_answer,
     semantic_query,
 )
 from schemas.messages import (
@@ -21,6 +22,7 @@ from schemas.messages import (
     ErrorCode,
     LLMRequest,
     Result,
+    SemanticCheck,
     Status,
     Usage,
     encode_embedding,
@@ -213,7 +215,8 @@ def match(
     semantic: SemanticCache, env: Envelope, now: float = 1.0, partition: int = 0
 ) -> str | None:
     query = semantic_query(env, SETTINGS)
-    return None if query is None else semantic.match(query, now, partition)
+    found = None if query is None else semantic.match(query, now, partition)
+    return None if found is None else found.answer
 
 
 STORED = asking("How do I reverse a list in Python?", BASE)
@@ -360,3 +363,39 @@ def test_an_expired_entry_of_another_partition_is_left_to_its_owner(
     assert "k" in entries
     assert cache.lookup("k", now=20.0, partition=1) is None
     assert "k" not in entries
+
+
+def test_a_held_back_hit_judged_wrong_tightens_its_entry(records: dict[str, Any]) -> None:
+    adaptive = SETTINGS.model_copy(update={"adaptive": True, "min_observations": 3})
+    semantic = SemanticCache(adaptive, records)
+    fingerprint = store(semantic, STORED)
+    query = semantic_query(NEAR, adaptive)
+    assert query is not None
+    found = semantic.match(query, now=1.0, partition=0)
+    assert found is not None and found.answer == fingerprint
+    check = SemanticCheck(
+        fingerprint=found.answer,
+        context=found.context,
+        entry_id=found.entry_id,
+        similarity=found.similarity,
+        threshold=found.threshold,
+        output="Paris",
+    )
+    semantic.observe(check, correct=False, partition=0)
+    assert semantic.match(query, now=2.0, partition=0) is None
+    closer = semantic_query(
+        asking("How do I reverse a list in Python?", near(BASE, 0.99)), adaptive
+    )
+    assert closer is not None and semantic.match(closer, now=2.0, partition=0) is not None
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("Paris", " paris\n", True),
+        ("It is  Paris.", "it is paris.", True),
+        ("Paris", "Rome", False),
+    ],
+)
+def test_same_answer_ignores_case_and_spacing(first: str, second: str, same: bool) -> None:
+    assert same_answer(first, second) is same
