@@ -55,7 +55,8 @@ RELATIVE_DATE = re.compile(
 )
 NEGATIONS = frozenset(
     "not no never without none nothing nobody neither nor nowhere cannot dont doesnt didnt "
-    "isnt arent wasnt werent cant wont shouldnt couldnt wouldnt hasnt havent hadnt".split()
+    "isnt arent wasnt werent cant wont shouldnt couldnt wouldnt hasnt havent hadnt unable "
+    "impossible".split()
 )
 # "one" is left out: "which one" is far more common in questions than the number.
 NUMBER_WORDS = {
@@ -86,35 +87,54 @@ DATE_WORDS = MONTHS | frozenset(
 # already reads (May), wherever they stand.
 NOT_ENTITIES = frozenset("i i'm i've i'd i'll ok okay may".split())
 # Opposite poles: a text's pole of each row must match. A pole holds a few synonyms, so
-# "raise" and "increase" agree; words are compared by `_stem` ("thinner", "thin").
-ANTONYMS: tuple[tuple[str, str], ...] = (
-    ("increase raise boost enlarge expand", "decrease reduce shrink"),
-    ("gain", "lose loss"),
-    ("min minimum minimal", "max maximum maximal"),
+# "raise" and "increase" agree; words are compared by `_stem` ("thinner", "thin"). A word
+# that paraphrases often drop or that has other senses is left out of its row, as the
+# opposite word alone tells the two apart: "rates rise" carries a term, "rates fall" none.
+# So fall, drop and decline (autumn, DROP TABLE, decline an offer) are missing; "cause"
+# too, as "what causes X" asks "why X", and "best"/"better" ("the best way to").
+ANTONYMS: tuple[tuple[str, ...], ...] = (
+    ("increase raise boost enlarge expand rise", "decrease reduce shrink"),
+    ("gain profit", "lose loss"),
+    ("min minimum minimal minimize minimise", "max maximum maximal maximize maximise"),
     ("high", "low"),
     ("more", "less fewer"),
+    ("worse worst worsen",),
+    ("effect consequence",),
     ("before prior", "after"),
     ("import", "export"),
     ("buy purchase", "sell"),
     ("encrypt", "decrypt"),
     ("encode", "decode"),
+    ("serialize serialise", "deserialize deserialise"),
     ("compress zip", "decompress unzip"),
     ("upload", "download"),
+    ("upgrade", "downgrade"),
+    ("upstream", "downstream"),
+    ("inbound incoming", "outbound outgoing"),
+    ("internal", "external"),
+    ("indoor", "outdoor"),
     ("enable activate", "disable deactivate"),
     ("install", "uninstall"),
     ("connect", "disconnect"),
+    ("attach", "detach"),
     ("lock", "unlock"),
     ("mount", "unmount"),
     ("subscribe", "unsubscribe"),
     ("include", "exclude"),
     ("add insert", "remove delete"),
-    ("start", "stop"),
+    ("start begin", "stop halt"),
     ("push", "pull"),
     ("send", "receive"),
     ("read", "write"),
     ("input", "output"),
+    ("deposit", "withdraw"),
+    ("credit", "debit"),
+    ("inflation", "deflation"),
+    ("surplus", "deficit"),
     ("uppercase", "lowercase"),
     ("ascending", "descending"),
+    ("horizontal", "vertical"),
+    ("clockwise", "counterclockwise anticlockwise"),
     ("thick", "thin"),
     ("wet moist", "dry"),
     ("hot warm heat", "cold cool chill"),
@@ -124,11 +144,16 @@ ANTONYMS: tuple[tuple[str, str], ...] = (
     ("fast quick", "slow"),
     ("overactive", "underactive"),
     ("overweight", "underweight"),
+    ("overestimate", "underestimate"),
     ("positive", "negative"),
-    ("accept", "reject"),
-    ("allow permit", "deny forbid"),
+    ("appear", "disappear"),
+    ("agree", "disagree"),
+    ("accept approve", "reject disapprove"),
+    ("allow permit", "deny forbid prohibit"),
     ("legal", "illegal"),
     ("healthy", "unhealthy"),
+    ("inhale", "exhale"),
+    ("sunrise", "sunset"),
     ("arrive arrival", "depart departure"),
 )
 # Relation words with an order: "X to Y", "X than Y", "X against Y", "from X".
