@@ -240,8 +240,8 @@ class SemanticCacheSettings(Section):
     """The semantic layer of cache and merging (`agents.semantic`).
 
     The default threshold comes from `llmflow eval-pairs` on evaluation/pairs/pairs.jsonl,
-    chosen on its dev half: with the exact guards on it keeps 90 % of paraphrases and no
-    dev hard negative. The guards, not the threshold, stop negations, antonyms and changed
+    chosen on its dev half: with the exact guards on it keeps about 91 % of paraphrases and
+    no hard negative on either half. The guards, not the threshold, stop negations, antonyms and changed
     numbers, identifiers, dates, entities, order and scope. Namespaces are tenants, or
     the shared namespaces listed here.
     """
