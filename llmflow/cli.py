@@ -1,5 +1,5 @@
 """`llmflow`: run the pipeline embedded, run a worker, submit a request, export schemas,
-run benchmarks."""
+run benchmarks and evaluations."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import json
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from bench import batching as bench_batching
 from bench import locality as bench_locality
 from evaluation.pairs import evaluate as eval_pairs
+from evaluation.replay import run as eval_replay
 from inference.runtime import ModelLoadError
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
@@ -24,6 +26,8 @@ from llmflow.demo import run_demo
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.export import write_json_schemas
 from topology.settings import Settings, load_settings
+
+T = TypeVar("T")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -60,16 +64,31 @@ def _embedded(
         yield settings, running
 
 
-async def _demo(settings: Settings, count: int, workers: Workers) -> int:
-    """Run the demo, giving up at once if a worker exits rather than waiting out timeouts."""
+async def _while_workers_live(
+    settings: Settings, workers: Workers, work: Callable[[LLMFlowClient], Awaitable[T]]
+) -> T | None:
+    """Run `work` with a client; None at once if a worker exits, rather than waiting out
+    the timeouts of requests no one will answer."""
     async with LLMFlowClient(settings) as client:
-        demo = asyncio.create_task(run_demo(client, count))
-        while not demo.done():
-            await asyncio.wait({demo}, timeout=1.0)
-            if not demo.done() and not all(workers.alive()):
-                demo.cancel()
-                raise SystemExit(f"a worker exited; its log is in {workers.run_dir}")
-        summary = demo.result()
+        task = asyncio.ensure_future(work(client))
+        while not task.done():
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done() and not all(workers.alive()):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+        return task.result()
+
+
+def _worker_exited(workers: Workers) -> str:
+    return f"a worker exited; its log is in {workers.run_dir}"
+
+
+async def _demo(settings: Settings, count: int, workers: Workers) -> int:
+    summary = await _while_workers_live(settings, workers, lambda c: run_demo(c, count))
+    if summary is None:
+        raise SystemExit(_worker_exited(workers))
     print(summary.table(), flush=True)
     return 0 if summary.missing == 0 else 1
 
@@ -100,6 +119,26 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             _wait_for_signal()
         return code
+
+
+def cmd_eval_replay(args: argparse.Namespace) -> int:
+    """Replay ShareGPT through an embedded stack with the semantic layer on; a run cut
+    short by a worker exiting still reports what came back."""
+    workload = eval_replay.workload_from_args(args)
+    settings = eval_replay.semantic_layer_on(_settings(args))
+    outcome = eval_replay.Outcome()
+    provider_args = ["--latency-ms", str(args.provider_latency_ms)]
+    with _embedded(settings, args.workers, provider_args) as (settings, workers):
+        done = asyncio.run(
+            _while_workers_live(
+                settings,
+                workers,
+                lambda c: eval_replay.replay(c, workload, args.rate, args.timeout, outcome),
+            )
+        )
+        if done is None:
+            outcome.aborted = _worker_exited(workers)
+    return eval_replay.finish(args, settings, workload, outcome)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -189,6 +228,10 @@ def parser() -> argparse.ArgumentParser:
     pairs = sub.add_parser("eval-pairs", help="the semantic cache on labelled prompt pairs")
     eval_pairs.add_arguments(pairs)
     pairs.set_defaults(func=eval_pairs.run)
+
+    replay = sub.add_parser("eval-replay", help="ShareGPT through the pipeline: what answered")
+    eval_replay.add_arguments(replay)
+    replay.set_defaults(func=cmd_eval_replay)
     return root
 
 

@@ -60,6 +60,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    """Names and numbers in two aligned columns, as the demo and eval-replay print them."""
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
 @dataclass
 class Summary:
     responses: list[LLMResponse] = field(default_factory=list)
@@ -102,8 +108,7 @@ class Summary:
             ("upstream cost usd", f"{cost:.6f}"),
             ("wall time s", f"{self.wall_s:.2f}"),
         ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+        return format_rows(rows)
 
 
 async def _send_wave(

@@ -1,0 +1,1 @@
+"""Replay of real prompts through the running pipeline (`llmflow eval-replay`)."""
