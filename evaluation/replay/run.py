@@ -456,21 +456,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = report["records"]
-    paths = sorted({r["path"] for r in records}, key=lambda p: (p not in PATHS, p))
+    present = {r["path"] for r in records}
+    paths = [*PATHS, *sorted(present - set(PATHS))]
+    color = {name: f"C{i}" for i, name in enumerate(paths)}  # one colour a path, both panels
     groups = {"all": records, **{k: [r for r in records if r["kind"] == k] for k in KINDS}}
     groups = {name: rows for name, rows in groups.items() if rows}
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     offsets = [0.0] * len(groups)
-    for name in paths:
+    for name in (p for p in paths if p in present):
         shares = [sum(r["path"] == name for r in rows) / len(rows) for rows in groups.values()]
-        left.barh(list(groups), shares, left=offsets, label=name)
+        left.barh(list(groups), shares, left=offsets, label=name, color=color[name])
         offsets = [o + s for o, s in zip(offsets, shares, strict=True)]
     left.set(xlabel="share of requests", title="what answered each kind of turn")
     left.legend(fontsize=7, loc="lower right")
     xs = [r["sent_s"] for r in records]
     for name in SERVED:
         served = itertools.accumulate(r["path"] == name for r in records)
-        right.plot(xs, [n / (i + 1) for i, n in enumerate(served)], label=name)
+        shares = [n / (i + 1) for i, n in enumerate(served)]
+        right.plot(xs, shares, label=name, color=color[name])
     right.set(xlabel="sent at (s)", ylabel="share of requests so far", title="served so far")
     right.legend(fontsize=7)
     figure.tight_layout()
