@@ -180,8 +180,12 @@ class SemanticRecord(BaseModel):
     expires_at: float
     partition: int
 
-    def vector(self) -> npt.NDArray[np.float32]:
-        return decode_embedding(self.embedding)
+    def index_in(self, index: SemanticIndex[str], now: float) -> int:
+        """Add this record to `index` for the rest of its life; returns its entry id."""
+        vector = decode_embedding(self.embedding)
+        return index.add(
+            self.context, vector, self.text, self.fingerprint, now, self.expires_at - now
+        )
 
 
 class SemanticCache:
@@ -233,14 +237,7 @@ class SemanticCache:
         scratch: SemanticIndex[str] = SemanticIndex(self.settings)
         for record in records:
             if record.context == query.context and record.expires_at > now:
-                scratch.add(
-                    record.context,
-                    record.vector(),
-                    record.text,
-                    record.fingerprint,
-                    now,
-                    record.expires_at - now,
-                )
+                record.index_in(scratch, now)
         found = scratch.lookup(
             query.context,
             query.vector,
@@ -294,14 +291,7 @@ class SemanticCache:
     def _add(self, record: SemanticRecord, now: float) -> None:
         self._remove(record.fingerprint)
         self._adding = record.fingerprint
-        entry_id = self._index(record.partition).add(
-            record.context,
-            record.vector(),
-            record.text,
-            record.fingerprint,
-            now,
-            record.expires_at - now,
-        )
+        entry_id = record.index_in(self._index(record.partition), now)
         if self._adding is not None:
             self._ids[record.fingerprint] = (record.partition, record.context, entry_id)
         self._adding = None

@@ -23,20 +23,14 @@ from streams.locality import bucketer_for
 from topology.settings import Settings
 
 
-async def read_topic(settings: Settings, topic: str) -> list[bytes]:
-    """Every value `topic` holds now, all partitions, oldest first within each."""
+async def read_topic(settings: Settings, topic: str, partitions: set[int]) -> list[bytes]:
+    """Every value `topic` holds now in `partitions`, oldest first within each."""
+    assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
     )
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not assigned:
-            return []
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
         ends = await consumer.end_offsets(assigned)
@@ -67,17 +61,19 @@ class WarmReport:
 async def warm(
     settings: Settings, requests_topic: str, responses_topic: str, progress: bool = True
 ) -> WarmReport:
-    requests = await read_topic(settings, requests_topic)
-    responses = await read_topic(settings, responses_topic)
-    pairs = list(answered_pairs(requests, responses))
-    report = WarmReport(len(requests), len(responses), len(pairs))
-    preprocessor = Preprocessor(settings)
-    encoder = open_encoder(settings) if settings.semantic.enabled else None
-    bucketer = bucketer_for(settings)
-    spec = settings.stage(STAGE)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
     await producer.start()
     try:
+        requests, responses = [
+            await read_topic(settings, topic, await producer.partitions_for(topic))
+            for topic in (requests_topic, responses_topic)
+        ]
+        pairs = list(answered_pairs(requests, responses))
+        report = WarmReport(len(requests), len(responses), len(pairs))
+        preprocessor = Preprocessor(settings)
+        encoder = open_encoder(settings) if settings.semantic.enabled else None
+        bucketer = bucketer_for(settings)
+        spec = settings.stage(STAGE)
         size = settings.embedding.max_batch
         with tqdm(total=len(pairs), desc="warming", unit="answer", disable=not progress) as bar:
             for start in range(0, len(pairs), size):
