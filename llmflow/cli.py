@@ -169,6 +169,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(_submit(args))
 
 
+def cmd_warm(args: argparse.Namespace) -> int:
+    from llmflow.warm import run
+
+    settings = _settings(args)
+    requests = args.requests or settings.topics.requests.name
+    return run(settings, requests, args.responses or settings.topics.responses.name)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     for path in write_json_schemas(Path(args.out)):
         print(path)
@@ -205,6 +213,12 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--bootstrap")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(func=cmd_submit)
+
+    warm = sub.add_parser("warm", help="fill the cache from the request and response topics")
+    warm.add_argument("--requests", help="topic of the requests (default: the requests topic)")
+    warm.add_argument("--responses", help="topic of their responses (default: responses topic)")
+    warm.add_argument("--bootstrap")
+    warm.set_defaults(func=cmd_warm)
 
     schema = sub.add_parser("schema", help="write the JSON Schemas of the wire messages")
     schema.add_argument("--out", default="schemas/json")

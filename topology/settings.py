@@ -241,9 +241,9 @@ class SemanticCacheSettings(Section):
 
     The default threshold comes from `llmflow eval-pairs` on evaluation/pairs/pairs.jsonl,
     chosen on its dev half: with the exact guards on it keeps about 91 % of paraphrases and
-    no hard negative on either half. The guards, not the threshold, stop negations, antonyms and changed
-    numbers, identifiers, dates, entities, order and scope. Namespaces are tenants, or
-    the shared namespaces listed here.
+    no hard negative on either half. The guards, not the threshold, stop negations,
+    antonyms and changed numbers, identifiers, dates, entities, order and scope.
+    Namespaces are tenants, or the shared namespaces listed here.
     """
 
     enabled: bool = Field(
