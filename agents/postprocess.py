@@ -26,19 +26,33 @@ def finish(envelope: Envelope) -> None:
         envelope.status = Status.ERROR if result is None or result.error else Status.OK
 
 
-def leader_timed_out(leader: Envelope) -> bool:
-    """The leader ran out of its own time: that says nothing about its followers' requests."""
+def release(follower: Envelope, leader: Envelope) -> str:
+    """Where a follower goes once its leader is done, as the stage it is sent to.
+
+    It is answered with the leader's answer, or with a timeout if its own deadline passed
+    while it waited. A leader that ran out of its own time says nothing about its
+    followers' requests: they go back to dedup, where the first leads anew. A leader that
+    failed otherwise does not fail them: each goes on alone (nginx's proxy_cache_lock),
+    so one bad call is not multiplied.
+    """
+    if follower.expired():
+        follower.fail(
+            ErrorCode.TIMEOUT,
+            "deadline_exceeded",
+            "deadline passed while waiting for an identical request",
+        )
+        return "respond"
     error = leader.result.error if leader.result else None
-    return error is not None and error.code is ErrorCode.TIMEOUT
-
-
-def merged_answer(follower: Envelope, leader: Envelope) -> Envelope:
-    """A follower takes the leader's result; its own timings stay its own."""
+    if leader.status is Status.ERROR or error is not None:
+        follower.merge_kind = None
+        if error is not None and error.code is ErrorCode.TIMEOUT:
+            return "dedup"
+        return "cache"
     follower.result = leader.result.model_copy(deep=True) if leader.result else None
     follower.model = leader.model
     follower.merged_with = leader.request.id
-    follower.status = Status.MERGED if leader.status != Status.ERROR else Status.ERROR
-    return follower
+    follower.status = Status.MERGED
+    return "respond"
 
 
 def attach(pipeline: Pipeline) -> None:
@@ -55,17 +69,9 @@ def attach(pipeline: Pipeline) -> None:
         await pipeline.send("respond", envelope)
         for follower in followers:
             pipeline.mark(follower, "merge_wait")
-            if follower.expired():
-                follower.fail(
-                    ErrorCode.TIMEOUT,
-                    "deadline_exceeded",
-                    "deadline passed while waiting for an identical request",
-                )
-                await pipeline.send("respond", follower)
-            elif leader_timed_out(envelope):
-                await pipeline.send("dedup", follower)  # goes on: the first one leads anew
-            else:
-                await pipeline.send("respond", merged_answer(follower, envelope))
+            stage = release(follower, envelope)
+            metrics.stage_events.labels(STAGE, f"follower_to_{stage}").inc()
+            await pipeline.send(stage, follower)
         # Only now: a crash before this point redelivers the event and answers them again.
         inflight.end(envelope.fingerprint, envelope.request.id)
 

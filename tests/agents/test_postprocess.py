@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agents.postprocess import finish, leader_timed_out, merged_answer
+from agents.postprocess import finish, release
 from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
 
 
@@ -56,49 +56,48 @@ def test_finish_leaves_a_missing_output_alone() -> None:
     assert env.result is not None and env.result.output is None
 
 
-def test_merged_answer_copies_the_leaders_result() -> None:
+def test_a_follower_takes_a_copy_of_the_leaders_answer() -> None:
     leader = envelope("lead", Status.OK, result("Paris."))
     leader.model = "sim-small"
     follower = envelope("follow")
     follower.stage_latency_ms = {"dedup": 1.5}
-    merged = merged_answer(follower, leader)
-    assert merged is follower
-    assert merged.status == Status.MERGED
-    assert merged.merged_with == "lead"
-    assert merged.model == "sim-small"
-    assert merged.request.id == "follow"
-    assert merged.result == leader.result
-    assert merged.result is not leader.result  # a deep copy, not shared
-    assert merged.stage_latency_ms == {"dedup": 1.5}
+    assert release(follower, leader) == "respond"
+    assert follower.status == Status.MERGED
+    assert follower.merged_with == "lead"
+    assert follower.model == "sim-small"
+    assert follower.request.id == "follow"
+    assert follower.result == leader.result
+    assert follower.result is not leader.result  # a deep copy, not shared
+    assert follower.stage_latency_ms == {"dedup": 1.5}
 
 
-def test_merged_answer_of_a_cached_leader_is_merged() -> None:
+def test_a_follower_of_a_cached_leader_is_merged() -> None:
     leader = envelope("lead", Status.CACHED, result("Paris."))
-    assert merged_answer(envelope("f"), leader).status == Status.MERGED
+    follower = envelope("f")
+    assert release(follower, leader) == "respond" and follower.status == Status.MERGED
 
 
-def test_merged_answer_of_a_failed_leader_is_an_error() -> None:
+def test_a_follower_of_a_failed_leader_goes_on_alone() -> None:
     leader = envelope("lead")
     leader.fail(ErrorCode.UPSTREAM_ERROR, "http_500", "boom")
-    merged = merged_answer(envelope("f"), leader)
-    assert merged.status == Status.ERROR
-    assert merged.merged_with == "lead"
-    assert merged.result is not None and merged.result.error is not None
-    assert merged.result.error.reason == "http_500"
+    follower = envelope("f")
+    follower.merge_kind = "semantic"
+    assert release(follower, leader) == "cache"
+    assert follower.status is None and follower.result is None
+    assert follower.merged_with is None and follower.merge_kind is None
+    assert release(envelope("g"), envelope("lead", Status.ERROR, None)) == "cache"
 
 
-def test_merged_answer_without_a_leader_result() -> None:
-    leader = envelope("lead", Status.ERROR, None)
-    merged = merged_answer(envelope("f"), leader)
-    assert merged.result is None
-    assert merged.status == Status.ERROR
-
-
-def test_only_a_timeout_of_the_leader_itself_counts_as_timed_out() -> None:
+def test_followers_of_a_leader_out_of_its_own_time_lead_anew() -> None:
     leader = envelope("a")
     leader.fail(ErrorCode.TIMEOUT, "deadline_exceeded", "late")
-    assert leader_timed_out(leader)
-    upstream = envelope("b")
-    upstream.fail(ErrorCode.UPSTREAM_ERROR, "http_500", "down")
-    assert not leader_timed_out(upstream)
-    assert not leader_timed_out(envelope("c", Status.OK, result()))
+    follower = envelope("f")
+    assert release(follower, leader) == "dedup" and follower.result is None
+
+
+def test_a_follower_past_its_own_deadline_times_out() -> None:
+    follower = envelope("f")
+    follower.request.deadline = 1.0
+    assert release(follower, envelope("lead", Status.OK, result("Paris."))) == "respond"
+    assert follower.status is Status.ERROR and follower.result is not None
+    assert follower.result.error is not None and follower.result.error.code is ErrorCode.TIMEOUT
