@@ -6,10 +6,16 @@ the semantic layer on, a request near-identical to an in-flight leader (same con
 same guard terms, cosine at the namespace's threshold: the semantic cache's rules) follows
 it too. The in-flight entries live in a Table keyed by fingerprint, co-partitioned with
 postprocess; the leaders' embeddings are indexed per partition in memory.
+
+A follower that has waited `lock_timeout_s` goes on alone (nginx's
+proxy_cache_lock_timeout): a timer finds it and sends dedup a control copy, so the entry
+is changed in an event of its own partition.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,13 +25,14 @@ from faust.types import EventT
 
 from agents.cache import SemanticQuery, semantic_query
 from agents.semantic import SemanticIndex
-from schemas.messages import Envelope
+from schemas.messages import Envelope, dump
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import DedupSettings, SemanticCacheSettings
 
 STAGE = "dedup"
 TABLE = "dedup-inflight"
+MIN_SWEEP_S = 0.5
 
 
 class Admission(StrEnum):
@@ -80,6 +87,7 @@ class InflightRegistry:
         self.semantic = semantic
         self._leaders: dict[int, SemanticIndex[str]] = {}
         self._leader_ids: dict[str, tuple[int, str, int]] = {}
+        self._leaving: dict[str, set[str]] = {}  # entry → followers being sent on alone
 
     def admit(self, envelope: Envelope, now: float, partition: int = 0) -> Admission:
         if not envelope.request.cache.read:
@@ -174,7 +182,56 @@ class InflightRegistry:
         stored = self.entries.get(fingerprint)
         if stored is None or stored["leader"] != leader:
             return []
-        return [Envelope.model_validate(f) for f in stored["followers"]]
+        leaving = self._leaving.get(fingerprint, set())
+        return [
+            Envelope.model_validate(f)
+            for f in stored["followers"]
+            if f["request"]["id"] not in leaving
+        ]
+
+    def overdue(self, now: float) -> list[tuple[str, int, Envelope]]:
+        """Entries with a follower waiting past the lock timeout: key, partition, and the
+        longest waiting follower."""
+        found = []
+        for key, stored in list(self.entries.items()):
+            waiting = self._overdue(key, stored, now)
+            if waiting and stored.get("partition") is not None:
+                found.append((key, int(stored["partition"]), Envelope.model_validate(waiting[0])))
+        return found
+
+    def take_overdue(self, key: str, now: float) -> list[Envelope]:
+        """The followers of `key` past the lock timeout, held apart until `let_go`."""
+        stored = self.entries.get(key)
+        if stored is None:
+            return []
+        waiting = self._overdue(key, stored, now)
+        self._leaving.setdefault(key, set()).update(f["request"]["id"] for f in waiting)
+        return [Envelope.model_validate(f) for f in waiting]
+
+    def let_go(self, key: str, followers: list[Envelope]) -> None:
+        """Take followers that went on alone out of the entry, once they are sent."""
+        gone = {f.request.id for f in followers}
+        leaving = self._leaving.get(key, set())
+        leaving -= gone
+        if not leaving:
+            self._leaving.pop(key, None)
+        entry = self._entry(key)
+        if entry is None:
+            return
+        kept = [f for f in entry.followers if f["request"]["id"] not in gone]
+        if len(kept) != len(entry.followers):
+            entry.followers = kept
+            entry.follower_bytes = sum(len(json.dumps(f, separators=(",", ":"))) for f in kept)
+            self.entries[key] = entry.to_json()
+
+    def _overdue(self, key: str, stored: dict[str, Any], now: float) -> list[dict[str, Any]]:
+        leaving = self._leaving.get(key, set())
+        timeout = self.settings.lock_timeout_s
+        return [
+            f
+            for f in stored["followers"]
+            if f["request"]["id"] not in leaving and now - f["stage_entered_at"] >= timeout
+        ]
 
     def end(self, fingerprint: str, leader: str) -> None:
         stored = self.entries.get(fingerprint)
@@ -198,7 +255,18 @@ def inflight_registry(pipeline: Pipeline) -> InflightRegistry:
 def attach(pipeline: Pipeline) -> None:
     registry = inflight_registry(pipeline)
 
+    async def go_on_alone(key: str, now: float) -> None:
+        overdue = registry.take_overdue(key, now)
+        for follower in overdue:
+            follower.merge_kind = None
+            await pipeline.send("cache", follower)
+        registry.let_go(key, overdue)
+        metrics.stage_events.labels(STAGE, "lock_expired").inc(len(overdue))
+
     async def dedup(event: EventT[bytes], envelope: Envelope) -> None:
+        if envelope.waiting_on is not None:
+            await go_on_alone(envelope.waiting_on, envelope.stage_entered_at)
+            return
         admission = registry.admit(envelope, envelope.stage_entered_at, event.message.partition)
         outcome = admission.value
         if admission is Admission.FOLLOW:
@@ -209,3 +277,15 @@ def attach(pipeline: Pipeline) -> None:
             await pipeline.send("cache", envelope)
 
     pipeline.stage_agent(STAGE, dedup)
+
+    async def expire_locks() -> None:
+        """Signal each entry with overdue followers to its own partition's dedup events."""
+        for key, partition, follower in registry.overdue(time.time()):
+            control = follower.model_copy(deep=True)
+            control.waiting_on = key
+            control.request.deadline = None  # a signal, never answered itself
+            await pipeline.stage_topics[STAGE].send(
+                key=key.encode(), value=dump(control), partition=partition
+            )
+
+    pipeline.app.timer(max(MIN_SWEEP_S, pipeline.settings.dedup.lock_timeout_s / 4))(expire_locks)

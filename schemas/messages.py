@@ -242,6 +242,10 @@ class Envelope(WireModel):
         description="LSH bucket of the embedding: near-duplicates share it, and so a partition",
     )
     semantic_check: SemanticCheck | None = None
+    waiting_on: str | None = Field(
+        default=None,
+        description="a control copy for dedup: the in-flight entry whose lock has expired",
+    )
 
     def mark(self, stage: str, now: float | None = None) -> None:
         """Charge the time since the previous stage handed over (queue + work) to `stage`."""

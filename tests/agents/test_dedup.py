@@ -230,3 +230,41 @@ def test_without_the_semantic_layer_only_identical_requests_merge(
 ) -> None:
     registry.admit(asking("a", ASKED, BASE), now=10.0)
     assert registry.admit(asking("b", PARAPHRASE, near(BASE, 0.99)), now=11.0) is Admission.LEAD
+
+
+def waiting(request_id: str, since: float) -> Envelope:
+    """A follower that entered dedup at `since`."""
+    follower = envelope(request_id)
+    follower.stage_entered_at = since
+    return follower
+
+
+def test_followers_past_the_lock_timeout_are_found_and_go_on_alone(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(waiting("a", 0.0), now=0.0, partition=3)
+    registry.admit(waiting("b", 10.0), now=10.0, partition=3)
+    registry.admit(waiting("c", 50.0), now=50.0, partition=3)
+    assert registry.overdue(now=69.0) == []
+    ((key, partition, oldest),) = registry.overdue(now=70.0)
+    assert (key, partition, oldest.request.id) == (FP, 3, "b")
+    leaving = registry.take_overdue(FP, now=70.0)
+    assert [f.request.id for f in leaving] == ["b"]
+    # While they are sent on, the leader's release does not answer them too.
+    assert [f.request.id for f in registry.followers(FP, "a")] == ["c"]
+    assert registry.overdue(now=70.0) == []
+    registry.let_go(FP, leaving)
+    assert [f["request"]["id"] for f in entries[FP]["followers"]] == ["c"]
+    assert entries[FP]["leader"] == "a"
+
+
+def test_letting_go_after_the_leader_ended_is_harmless(
+    registry: InflightRegistry, entries: dict[str, Any]
+) -> None:
+    registry.admit(waiting("a", 0.0), now=0.0)
+    registry.admit(waiting("b", 0.0), now=0.0)
+    leaving = registry.take_overdue(FP, now=60.0)
+    registry.end(FP, "a")
+    registry.let_go(FP, leaving)
+    assert entries == {}
+    assert registry.take_overdue(FP, now=60.0) == []
