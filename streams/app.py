@@ -73,7 +73,7 @@ class Pipeline:
             topic_partitions=settings.stages[0].topic.partitions,
             topic_replication_factor=settings.replication_factor,
             datadir=settings.data_dir,
-            store="memory://",
+            store=settings.table_store,
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
             stream_wait_empty=False,

@@ -352,6 +352,10 @@ class Settings(Section):
     provider_api_key: str = "sim"
     metrics_port: int | None = None
     data_dir: str = ".cache/worker"
+    table_store: Literal["memory://", "rocksdb://"] = Field(
+        default="memory://",
+        description="where Tables live between changelog recoveries: rocksdb keeps them on disk",
+    )
     topics: Topics = Topics()
     stages: list[StageSpec] = Field(default_factory=default_stages)
     tables: dict[str, str] = Field(default_factory=default_tables)

@@ -73,7 +73,11 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedProv
 
 
 def pipeline_settings(
-    bootstrap: str, redis_url: str, provider: SimulatedProvider, embed: bool = False
+    bootstrap: str,
+    redis_url: str,
+    provider: SimulatedProvider,
+    embed: bool = False,
+    table_store: str = "memory://",
 ) -> Settings:
     settings = Settings()
     ratelimit = settings.ratelimit.model_copy(
@@ -90,13 +94,17 @@ def pipeline_settings(
             "ratelimit": ratelimit,
             "embedding": settings.embedding.model_copy(update={"enabled": embed}),
             "semantic": settings.semantic.model_copy(update={"enabled": embed}),
+            "table_store": table_store,
         }
     )
 
 
-def pipeline_fixture(broker: str, workers: int, redis_db: int, embed: bool = False) -> Any:
+def pipeline_fixture(
+    broker: str, workers: int, redis_db: int, embed: bool = False, table_store: str = "memory://"
+) -> Any:
     """A session fixture running the whole pipeline on `broker` with `workers` workers;
-    `embed` has preprocess embed every request and the cache serve near-repeats."""
+    `embed` has preprocess embed every request and the cache serve near-repeats;
+    `table_store` is where the workers keep their Tables."""
 
     @pytest.fixture(scope="session")
     def running_pipeline(
@@ -108,7 +116,7 @@ def pipeline_fixture(broker: str, workers: int, redis_db: int, embed: bool = Fal
         bootstrap = request.getfixturevalue(f"{broker}_bootstrap")
         # Each broker's pipeline has its own Redis database, so no run sees another's cache.
         own_redis = f"{redis_url.rsplit('/', 1)[0]}/{redis_db}"
-        settings = pipeline_settings(bootstrap, own_redis, provider, embed)
+        settings = pipeline_settings(bootstrap, own_redis, provider, embed, table_store)
         asyncio.run(create_topics(settings))
         run_dir = tmp_path_factory.mktemp(f"workers-{broker}")
         with Workers(settings, run_dir, workers) as running:
@@ -120,7 +128,8 @@ def pipeline_fixture(broker: str, workers: int, redis_db: int, embed: bool = Fal
     return running_pipeline
 
 
-kafka_pipeline = pipeline_fixture("kafka", workers=2, redis_db=1)
+# Apache Kafka runs the production shape: two workers keeping their Tables in RocksDB.
+kafka_pipeline = pipeline_fixture("kafka", workers=2, redis_db=1, table_store="rocksdb://")
 # One worker embeds every request on Tansu; on two CPU cores embedding a burst of 500
 # takes seconds, which would turn the Kafka run's concurrent duplicates into cache hits.
 tansu_pipeline = pipeline_fixture("tansu", workers=1, redis_db=2, embed=True)
