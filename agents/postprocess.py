@@ -1,15 +1,23 @@
-"""Ensemble/postprocess: format the answer, write the cache, release followers.
+"""Ensemble/postprocess: escalate unsure cascade answers, format the answer, write the
+cache, release followers.
 
 Every request that passed dedup ends here, answered, cached or failed, so no follower is
-left waiting. This first version takes a single model's answer as is.
+left waiting. A cascade's answer whose confidence is low goes back to batch for the next
+model up (the router decides); only the answer that stands is cached and shared. `vote`
+is the ensemble's weighted vote; the router evaluation runs it (self-consistency), the
+pipeline does not sample several answers yet.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
 
 from faust.types import EventT
 
 from agents.cache import cacheable, caches
 from agents.dedup import inflight_registry
+from agents.route import router_of
 from schemas.messages import Envelope, ErrorCode, Status
 from streams import metrics
 from streams.app import Pipeline
@@ -17,11 +25,24 @@ from streams.app import Pipeline
 STAGE = "postprocess"
 
 
+def vote(answers: Sequence[str], weights: Sequence[float] | None = None) -> tuple[str, float]:
+    """The answer with the most weight (first seen wins a tie) and its share of the weight:
+    with equal weights, self-consistency's majority and its agreement."""
+    totals: dict[str, float] = defaultdict(float)
+    for answer, weight in zip(answers, weights or [1.0] * len(answers), strict=True):
+        totals[answer.strip()] += weight
+    best = max(totals, key=lambda answer: totals[answer])
+    return best, totals[best] / sum(totals.values())
+
+
 def finish(envelope: Envelope) -> None:
-    """Tidy the leader's answer; trailing whitespace is an artefact of generation."""
+    """Tidy the leader's answer (trailing whitespace is an artefact of generation) and bill
+    it for the answers a cascade set aside on the way."""
     result = envelope.result
     if result is not None and result.output is not None:
         result.output = result.output.strip()
+    if result is not None:
+        result.cost_usd += envelope.prior_cost_usd
     if envelope.status is None:
         envelope.status = Status.ERROR if result is None or result.error else Status.OK
 
@@ -58,8 +79,14 @@ def release(follower: Envelope, leader: Envelope) -> str:
 def attach(pipeline: Pipeline) -> None:
     layers = caches(pipeline)
     inflight = inflight_registry(pipeline)
+    router = router_of(pipeline)
 
     async def postprocess(event: EventT[bytes], envelope: Envelope) -> None:
+        router.observe(envelope)
+        if router.escalate(envelope):
+            metrics.stage_events.labels(STAGE, "escalated").inc()
+            await pipeline.send("batch", envelope)
+            return
         finish(envelope)
         layers.observe(envelope, event.message.partition)
         if cacheable(envelope):

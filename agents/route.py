@@ -1,22 +1,38 @@
-"""Route: pick the model for each request from the model registry.
+"""Route: pick the model for each request from the model registry, then one of its replicas.
 
-This first version is rule-based: the caller's model hint wins; otherwise short prompts go
-to the cheap model and long ones to the strong one, and a model whose context window cannot
-hold the prompt plus the answer is never chosen.
+A caller's model hint wins. Otherwise the complexity classifier predicts, for each model it
+knows (the zoo), the chance that it answers the prompt right: a prompt none of them is likely
+to answer is chat and goes by the rules (short to the cheap model, long to the strong one);
+a task goes to the cheapest model predicted to meet the quality threshold (`quality`), or to
+the cheapest first with postprocess escalating unsure answers (`cascade`). A model whose
+context window cannot hold the prompt plus the answer is never chosen, and a tenant past
+its budget gets the cheapest model that fits. Replicas of the chosen model are balanced by
+power of two choices on peak-EWMA latency, skipping unhealthy ones.
+
+The live statistics and spend are this worker's: route and postprocess share the locality
+key, so the requests a worker routes are the ones whose answers it sees.
 """
 
 from __future__ import annotations
 
+import math
+import random
+import time
+from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from faust.types import EventT
 
-from schemas.messages import Envelope, ErrorCode
+from inference.complexity import ComplexityClassifier
+from schemas.messages import Envelope, ErrorCode, Status
 from streams import metrics
 from streams.app import Pipeline
-from topology.settings import Settings
+from topology.settings import ModelSpec, RouteSettings, Settings
 
 STAGE = "route"
+CASCADE = "cascade"
+ESCALATED = "cascade_escalated"
 
 
 @dataclass(frozen=True)
@@ -25,9 +41,110 @@ class Choice:
     reason: str
 
 
-class Router:
-    def __init__(self, settings: Settings) -> None:
+class DeploymentStats:
+    """One deployment's live numbers: peak-EWMA latency (Finagle's: a slow answer counts at
+    once, fast ones pull it down over `latency_decay_s`), error-rate EWMA, calls in flight.
+    A deployment not heard from yet has latency 0, so it is tried soon."""
+
+    def __init__(self) -> None:
+        self.latency_s = 0.0
+        self.error_rate = 0.0
+        self.in_flight = 0
+        self.updated_at: float | None = None
+
+    def finish(self, latency_s: float, ok: bool, now: float, settings: RouteSettings) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        if self.updated_at is None or latency_s >= self.latency_s:
+            self.latency_s = latency_s
+        else:
+            kept = math.exp(-(now - self.updated_at) / settings.latency_decay_s)
+            self.latency_s = kept * self.latency_s + (1 - kept) * latency_s
+        self.error_rate = settings.error_decay * self.error_rate + (1 - settings.error_decay) * (
+            0.0 if ok else 1.0
+        )
+        self.updated_at = now
+
+    def load(self) -> float:
+        """Expected wait for one more call: latency times the calls it would queue behind."""
+        return self.latency_s * (self.in_flight + 1)
+
+
+class Balancer:
+    """Power of two choices over a model's replicas (ModelSpec.replica_of) on peak-EWMA load;
+    replicas whose error rate is past `unhealthy_error_rate` are used only when all are."""
+
+    def __init__(self, settings: Settings, rng: random.Random) -> None:
+        self.settings = settings.route
+        self.rng = rng
+        self.replicas: dict[str, list[str]] = defaultdict(list)
+        for spec in settings.models:
+            self.replicas[spec.replica_of or spec.name].append(spec.name)
+        self.stats: dict[str, DeploymentStats] = defaultdict(DeploymentStats)
+
+    def pick(self, model: str) -> str:
+        replicas = self.replicas.get(model, [model])
+        limit = self.settings.unhealthy_error_rate
+        healthy = [r for r in replicas if self.stats[r].error_rate <= limit] or replicas
+        if len(healthy) == 1:
+            return healthy[0]
+        return min(self.rng.sample(healthy, 2), key=lambda r: self.stats[r].load())
+
+    def start(self, deployment: str) -> None:
+        self.stats[deployment].in_flight += 1
+
+    def finish(self, deployment: str, latency_s: float, ok: bool, now: float) -> None:
+        self.stats[deployment].finish(latency_s, ok, now, self.settings)
+
+
+class TenantBudgets:
+    """What each tenant with a budget spent in the current fixed window."""
+
+    def __init__(self, settings: RouteSettings) -> None:
         self.settings = settings
+        self.spent: dict[str, tuple[int, float]] = {}  # tenant: (window index, usd)
+
+    def _window(self, now: float) -> int:
+        return int(now // self.settings.budget_window_s)
+
+    def charge(self, tenant: str, usd: float, now: float) -> None:
+        if tenant not in self.settings.tenant_budgets_usd:
+            return
+        window, spent = self.spent.get(tenant, (self._window(now), 0.0))
+        if window != self._window(now):
+            window, spent = self._window(now), 0.0
+        self.spent[tenant] = (window, spent + usd)
+
+    def exhausted(self, tenant: str, now: float) -> bool:
+        budget = self.settings.tenant_budgets_usd.get(tenant)
+        window, spent = self.spent.get(tenant, (self._window(now), 0.0))
+        return budget is not None and window == self._window(now) and spent >= budget
+
+
+def price_per_1k(spec: ModelSpec) -> float:
+    return spec.input_per_1k + spec.output_per_1k
+
+
+class Router:
+    """The route stage's decisions, and what postprocess tells it about their outcomes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        classifier: ComplexityClassifier | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.classifier = classifier
+        self.balancer = Balancer(settings, random.Random(seed))
+        self.budgets = TenantBudgets(settings.route)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, seed: int | None = None) -> Router:
+        """With the configured classifier, on the CPU: a 20-feature MLP is quicker there than
+        a trip to a GPU."""
+        path = settings.route.classifier
+        classifier = None if path is None else ComplexityClassifier(Path(path), "cpu")
+        return cls(settings, classifier, seed)
 
     def fits(self, model: str, envelope: Envelope) -> bool:
         spec = self.settings.model(model)
@@ -38,27 +155,130 @@ class Router:
             and envelope.prompt_tokens + max_tokens <= spec.context_window
         )
 
-    def choose(self, envelope: Envelope) -> Choice:
+    def predict(self, envelope: Envelope) -> dict[str, float]:
+        """Each classifier model that fits the request, cheapest first, with its predicted
+        chance of answering right; empty without a classifier or a user turn."""
+        prompt = envelope.request.last_user_turn()
+        if self.classifier is None or self.settings.route.policy == "rules" or prompt is None:
+            return {}
+        specs = [self.settings.model(name) for name in self.classifier.models]
+        fitting = sorted(
+            (s for s in specs if s is not None and self.fits(s.name, envelope)), key=price_per_1k
+        )
+        if not fitting:
+            return {}
+        p_correct = self.classifier.predict([prompt])
+        return {s.name: float(p_correct[s.name][0]) for s in fitting}
+
+    def choose(self, envelope: Envelope, now: float | None = None) -> Choice:
+        """The model (not yet the replica) for this request, and why."""
         hint = envelope.request.model
         if hint is not None:
             if self.fits(hint, envelope):
                 return Choice(hint, "hint")
             return Choice(None, f"prompt and answer exceed {hint}'s context window or output limit")
+        now = time.time() if now is None else now
+        thrifty = self.budgets.exhausted(envelope.request.tenant, now)
+        predicted = self.predict(envelope)
+        if predicted and max(predicted.values()) >= self.settings.route.task_floor:
+            return self._among(predicted, thrifty)
         rules = self.settings.route
-        if envelope.prompt_tokens <= rules.small_max_prompt_tokens and self.fits(
-            rules.small_model, envelope
-        ):
-            return Choice(rules.small_model, "short_prompt")
+        short = envelope.prompt_tokens <= rules.small_max_prompt_tokens
+        if (short or thrifty) and self.fits(rules.small_model, envelope):
+            return Choice(rules.small_model, "budget" if thrifty and not short else "short_prompt")
         if self.fits(rules.large_model, envelope):
             return Choice(rules.large_model, "long_prompt")
         return Choice(None, "prompt and answer exceed every model's context window or output limit")
 
+    def _among(self, predicted: dict[str, float], thrifty: bool) -> Choice:
+        cheapest = next(iter(predicted))
+        if thrifty:
+            return Choice(cheapest, "budget")
+        if self.settings.route.policy == "cascade":
+            return Choice(cheapest, CASCADE)
+        threshold = self.settings.route.quality_threshold
+        meeting = [name for name, p in predicted.items() if p >= threshold]
+        if meeting:
+            return Choice(meeting[0], "quality")
+        return Choice(max(predicted, key=lambda name: predicted[name]), "best_predicted")
+
+    def stronger(self, envelope: Envelope) -> str | None:
+        """The next model up from the one that answered, among the classifier's models that
+        fit the request: where a cascade or an ensemble that disagrees escalates to."""
+        answered = self.settings.model(envelope.model or "")
+        if answered is None or self.classifier is None:
+            return None
+        ladder = [
+            spec
+            for spec in (self.settings.model(name) for name in self.classifier.models)
+            if spec is not None and self.fits(spec.name, envelope)
+        ]
+        pricier = [s for s in ladder if price_per_1k(s) > price_per_1k(answered)]
+        return min(pricier, key=price_per_1k).name if pricier else None
+
+    def escalation(self, envelope: Envelope) -> str | None:
+        """Where a cascade's answer goes next: up a model when it is ok but unsure."""
+        result = envelope.result
+        if (
+            envelope.route_reason != CASCADE
+            or envelope.status is not Status.OK
+            or result is None
+            or result.confidence is None
+            or result.confidence >= self.settings.route.cascade_confidence
+        ):
+            return None
+        return self.stronger(envelope)
+
+    def escalate(self, envelope: Envelope) -> bool:
+        """Set an unsure cascade answer aside, its cost kept, and send the request to a
+        replica of the next model up; False when the answer stands."""
+        target = self.escalation(envelope)
+        if target is None:
+            return False
+        envelope.prior_cost_usd += envelope.result.cost_usd if envelope.result else 0.0
+        envelope.result, envelope.status = None, None
+        envelope.model, envelope.route_reason = self._start(target), ESCALATED
+        return True
+
+    def _start(self, model: str) -> str:
+        deployment = self.balancer.pick(self.logical(model))
+        self.balancer.start(deployment)
+        return deployment
+
+    def assign(self, envelope: Envelope, now: float | None = None) -> Choice:
+        """Choose the model, then its replica, and count the call as in flight there."""
+        choice = self.choose(envelope, now)
+        if choice.model is None:
+            return choice
+        return Choice(self._start(choice.model), choice.reason)
+
+    def logical(self, deployment: str) -> str:
+        spec = self.settings.model(deployment)
+        return deployment if spec is None or spec.replica_of is None else spec.replica_of
+
+    def observe(self, envelope: Envelope, now: float | None = None) -> None:
+        """Learn from an answer that went through infer: its deployment's latency and health,
+        and its tenant's spend."""
+        latency_ms = envelope.stage_latency_ms.get("infer")
+        if envelope.model is None or latency_ms is None:
+            return
+        now = time.time() if now is None else now
+        ok = envelope.status is Status.OK
+        self.balancer.finish(envelope.model, latency_ms / 1e3, ok, now)
+        cost = envelope.result.cost_usd if envelope.result else 0.0
+        self.budgets.charge(envelope.request.tenant, cost, now)
+
+
+def router_of(pipeline: Pipeline) -> Router:
+    """The worker's one Router, shared by route (decisions) and postprocess (outcomes)."""
+    return pipeline.shared("router", lambda: Router.from_settings(pipeline.settings))
+
 
 def attach(pipeline: Pipeline) -> None:
-    router = Router(pipeline.settings)
+    router = router_of(pipeline)
 
     async def route(_event: EventT[bytes], envelope: Envelope) -> None:
-        choice = router.choose(envelope)
+        choice = router.assign(envelope)
         if choice.model is None:
             metrics.stage_events.labels(STAGE, "no_model").inc()
             await pipeline.fail(envelope, ErrorCode.INVALID, "context_too_long", choice.reason)

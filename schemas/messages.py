@@ -203,6 +203,12 @@ class Result(BaseModel):
     streamed_chunks: int = Field(
         default=0, description="chunks infer already sent on the stream topic, as generated"
     )
+    confidence: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="the probability of the answer's least likely token, where the model says",
+    )
 
 
 class SemanticCheck(BaseModel):
@@ -226,6 +232,9 @@ class Envelope(WireModel):
     prompt_tokens: int = 0
     model: str | None = None
     route_reason: str | None = None
+    prior_cost_usd: float = Field(
+        default=0.0, description="what answers a cascade set aside for a stronger model's cost"
+    )
     received_at: float = Field(default_factory=time.time)
     stage_entered_at: float = Field(default_factory=time.time)
     stage_latency_ms: dict[str, float] = Field(default_factory=dict)

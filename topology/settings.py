@@ -105,6 +105,9 @@ class ModelSpec(Section):
         default=None, description="onnx backend: folder with model.onnx and tokenizer.json"
     )
     upstream_model: str | None = None
+    replica_of: str | None = Field(
+        default=None, description="another deployment of this model: the router balances them"
+    )
     base_url: str | None = Field(default=None, description="overrides Settings.provider_url")
     input_per_1k: float = 0.0
     output_per_1k: float = 0.0
@@ -293,12 +296,46 @@ class InferSettings(Section):
     max_concurrency: int = 256
 
 
-class RouteSettings(Section):
-    """Rule-based routing: short prompts go to the cheap model, long ones to the strong one."""
+RoutePolicy = Literal["rules", "quality", "cascade"]
 
+
+class RouteSettings(Section):
+    """How the route stage picks a model for a request without a model hint.
+
+    The complexity classifier predicts each model it knows (the zoo) answering a prompt
+    right. A prompt none of them is likely to answer (`task_floor`) is chat and goes by the
+    rules: short prompts to `small_model`, long ones to `large_model`. Otherwise `quality`
+    takes the cheapest model predicted right with at least `quality_threshold` (RouteLLM's
+    cost/quality knob), and `cascade` starts with the cheapest and lets postprocess escalate
+    an answer whose least likely token is below `cascade_confidence` (FrugalGPT). The
+    defaults come from `llmflow eval-router` on the held-aside task mix.
+    """
+
+    policy: RoutePolicy = "quality"
     small_model: str = "sim-small"
     large_model: str = "sim-large"
     small_max_prompt_tokens: int = 512
+    classifier: str | None = Field(
+        default=str(ZOO / "classifier"), description="None: rules only, no classifier"
+    )
+    task_floor: float = Field(default=0.2, ge=0.0, le=1.0)
+    quality_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    cascade_confidence: float = Field(default=0.8, ge=0.0, le=1.0)
+    ensemble_samples: int = Field(default=3, ge=1, description="self-consistency samples")
+    ensemble_temperature: float = Field(default=0.7, gt=0.0, le=2.0)
+    ensemble_agreement: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="below this share of votes, escalate"
+    )
+    tenant_budgets_usd: dict[str, float] = Field(
+        default_factory=dict,
+        description="spend per budget window; past it a tenant gets the cheapest fitting model",
+    )
+    budget_window_s: float = Field(default=3600.0, gt=0)
+    latency_decay_s: float = Field(default=10.0, gt=0, description="peak-EWMA time constant")
+    error_decay: float = Field(default=0.9, gt=0.0, lt=1.0, description="error-rate EWMA weight")
+    unhealthy_error_rate: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="a replica above it is used only if all are"
+    )
 
 
 class EmbeddingSettings(Section):

@@ -7,6 +7,7 @@ decode loop at its next step.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from agents.infer import Delta, UpstreamError
@@ -73,6 +74,7 @@ class LocalDecoderBackend:
             model=spec.name,
             usage=usage,
             cost_usd=spec.price(usage.prompt_tokens, usage.completion_tokens),
+            confidence=math.exp(min(generation.logprobs)) if generation.logprobs else None,
         )
 
     async def close(self) -> None:
