@@ -18,6 +18,7 @@ from bench import batching as bench_batching
 from bench import locality as bench_locality
 from evaluation.pairs import evaluate as eval_pairs
 from evaluation.replay import run as eval_replay
+from evaluation.router import evaluate as eval_router
 from inference.runtime import ModelLoadError
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
@@ -246,6 +247,10 @@ def parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("eval-replay", help="ShareGPT through the pipeline: what answered")
     eval_replay.add_arguments(replay)
     replay.set_defaults(func=cmd_eval_replay)
+
+    router = sub.add_parser("eval-router", help="routing policies on zoo tasks: accuracy, cost")
+    eval_router.add_arguments(router)
+    router.set_defaults(func=eval_router.run)
     return root
 
 

@@ -1,0 +1,1 @@
+"""The router evaluation: routing policies on checkable zoo tasks (`llmflow eval-router`)."""
