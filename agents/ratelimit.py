@@ -1,21 +1,33 @@
-"""Rate limit: a token bucket per tenant, kept in a faust Table keyed by tenant.
+"""Rate limit: token buckets per tenant, per user and per api type, in requests and in LLM
+tokens, all kept in one faust Table value under the tenant's key.
 
-The stage topic is keyed by tenant too, so every check for one tenant runs on the one
-partition that owns its bucket: the limit holds however many workers there are.
+The stage topic is keyed by tenant, so every check for one tenant runs on the one partition
+that owns all of its buckets, inside one event: the limits hold however many workers there
+are, and a request is admitted only when every one of its buckets has room (all or nothing:
+a refusal takes from none of them). A request costs one request and prompt_tokens +
+max_tokens tokens, charged at admission: the most it can use, never refunded.
+
+Normal and low priority may use 1 - reserve of each bucket, high priority all of it. The
+rate buckets refill at follows this worker's load: an AIMD controller lowers it while the
+worker's stages queue requests for longer than a target.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from faust.types import EventT
+from prometheus_client import Histogram
 
-from schemas.messages import Envelope, ErrorCode
+from schemas.messages import Envelope, ErrorCode, LLMRequest, Priority
 from streams import metrics
 from streams.app import Pipeline
-from topology.settings import RateLimit
+from topology.settings import AdaptiveLimit, Quota, RateLimit
 
 STAGE = "ratelimit"
+TABLE = "ratelimit-buckets"
 
 
 @dataclass(frozen=True)
@@ -31,50 +43,217 @@ class Bucket:
         return cls(tokens=float(value[0]), updated_at=float(value[1]))
 
 
+def refill(bucket: Bucket | None, limit: RateLimit, now: float, rate_scale: float) -> Bucket:
+    """The bucket at `now`: full when new, else topped up for the time passed, capped at
+    its burst."""
+    if bucket is None:
+        return Bucket(limit.burst, now)
+    elapsed = max(0.0, now - bucket.updated_at)
+    tokens = min(limit.burst, bucket.tokens + elapsed * limit.per_second * rate_scale)
+    # A worker whose clock runs behind must not rewind the bucket and mint tokens later.
+    return Bucket(tokens, max(now, bucket.updated_at))
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a request takes from one of its tenant's buckets."""
+
+    key: str  # where the bucket lives in the tenant's Table value
+    limit_name: str  # the limit's name in refusals and metrics, e.g. "user_tokens"
+    limit: RateLimit
+    cost: float
+
+
+def charges(quota: Quota, request: LLMRequest, prompt_tokens: int) -> list[Charge]:
+    """Every bucket of `quota` that `request` draws from, and how much."""
+    tokens = float(prompt_tokens + request.params.max_tokens)
+    scopes = [("tenant", "", quota.tenant), ("user", request.user, quota.user)]
+    api_type = quota.api_types.get(request.api_type)
+    if api_type is not None:
+        scopes.append(("api_type", request.api_type, api_type))
+    return [
+        Charge(f"{scope}:{unit}:{name}", f"{scope}_{unit}", limit, cost)
+        for scope, name, rates in scopes
+        for unit, limit, cost in (
+            ("requests", rates.requests, 1.0),
+            ("tokens", rates.tokens, tokens),
+        )
+        if limit is not None
+    ]
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    bucket: Bucket
-    retry_after_s: float
+    buckets: dict[str, Bucket]  # the charged buckets after this request
+    retry_after_s: float | None = None  # refused: None when the request can never fit
+    refused_by: Charge | None = None
 
 
-def take(bucket: Bucket | None, limit: RateLimit, now: float, cost: float = 1.0) -> Decision:
-    """Refill for the time passed, then take `cost` tokens if there are enough."""
-    if bucket is None:
-        tokens = limit.burst
-    else:
-        elapsed = max(0.0, now - bucket.updated_at)
-        tokens = min(limit.burst, bucket.tokens + elapsed * limit.per_second)
-        # A worker whose clock runs behind must not rewind the bucket and mint tokens later.
-        now = max(now, bucket.updated_at)
-    if tokens >= cost:
-        return Decision(True, Bucket(tokens - cost, now), 0.0)
-    retry_after = (cost - tokens) / limit.per_second
-    return Decision(False, Bucket(tokens, now), retry_after)
+def admit(
+    buckets: Mapping[str, Bucket],
+    wanted: Iterable[Charge],
+    now: float,
+    priority: Priority,
+    reserve: float,
+    rate_scale: float = 1.0,
+) -> Decision:
+    """Take every charge, or none. Refused, the retry-after is the longest wait any bucket
+    needs to hold the request's cost above its reserve."""
+    wanted = list(wanted)
+    levels = {c.key: refill(buckets.get(c.key), c.limit, now, rate_scale) for c in wanted}
+    refused_by: Charge | None = None
+    longest = 0.0
+    for charge in wanted:
+        floor = 0.0 if priority is Priority.HIGH else reserve * charge.limit.burst
+        need = charge.cost + floor
+        missing = need - levels[charge.key].tokens
+        if missing <= 0:
+            continue
+        wait = (
+            math.inf
+            if need > charge.limit.burst
+            else missing / (charge.limit.per_second * rate_scale)
+        )
+        if refused_by is None or wait > longest:
+            refused_by, longest = charge, wait
+    if refused_by is not None:
+        retry_after = None if math.isinf(longest) else longest
+        return Decision(False, levels, retry_after, refused_by)
+    taken = {c.key: Bucket(levels[c.key].tokens - c.cost, levels[c.key].updated_at) for c in wanted}
+    return Decision(True, taken)
+
+
+def load_buckets(stored: object) -> dict[str, Bucket]:
+    """A tenant's buckets from its Table value. A bare pair is the single request bucket
+    this stage kept before it had several, read as the tenant's request bucket."""
+    if stored is None:
+        return {}
+    if isinstance(stored, list):
+        return {"tenant:requests:": Bucket.from_json(stored)}
+    assert isinstance(stored, dict)
+    return {key: Bucket.from_json(value) for key, value in stored.items()}
+
+
+def bound(buckets: dict[str, Bucket], now: float, full_after_s: float, most: int) -> int:
+    """Drop buckets untouched for `full_after_s` (full again, so the same as absent), then
+    the least recently used beyond `most`; returns how many of those were not yet full."""
+    for key in [k for k, b in buckets.items() if now - b.updated_at >= full_after_s]:
+        del buckets[key]
+    over = len(buckets) - most
+    if over <= 0:
+        return 0
+    for key in sorted(buckets, key=lambda k: buckets[k].updated_at)[:over]:
+        del buckets[key]
+    return over
+
+
+class Aimd:
+    """Additive increase, multiplicative decrease of the share of the configured refill
+    rates that a worker lets through: cut while its load is over target, regrown after."""
+
+    def __init__(self, settings: AdaptiveLimit) -> None:
+        self.settings = settings
+        self.scale = 1.0
+
+    def update(self, load_s: float | None) -> float:
+        """One step for the load seen over the last interval (None: no request passed)."""
+        s = self.settings
+        if load_s is not None and load_s > s.target_s:
+            self.scale = max(s.min_scale, self.scale * s.decrease)
+        else:
+            self.scale = min(1.0, self.scale + s.increase)
+        return self.scale
+
+
+class StageQueueing:
+    """How long this worker's requests queued since the last reading: the mean latency of
+    each watched stage over the interval, summed (consumer lag, in seconds). Read from the
+    stage latency histogram the worker already exports."""
+
+    def __init__(self, histogram: Histogram, stages: Iterable[str]) -> None:
+        self.histogram = histogram
+        self.stages = set(stages)
+        self.seen: dict[str, tuple[float, float]] = {}
+
+    def totals(self) -> dict[str, tuple[float, float]]:
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for family in self.histogram.collect():
+            for sample in family.samples:
+                stage = sample.labels.get("stage", "")
+                if stage not in self.stages:
+                    continue
+                if sample.name.endswith("_sum"):
+                    sums[stage] = sample.value
+                elif sample.name.endswith("_count"):
+                    counts[stage] = sample.value
+        return {stage: (sums.get(stage, 0.0), counts[stage]) for stage in counts}
+
+    def read(self) -> float | None:
+        """The summed mean latency since the last reading; None when no request passed."""
+        now = self.totals()
+        load: float | None = None
+        for stage, (total, count) in now.items():
+            seen_total, seen_count = self.seen.get(stage, (0.0, 0.0))
+            if count > seen_count:
+                load = (load or 0.0) + (total - seen_total) / (count - seen_count)
+        self.seen = now
+        return load
 
 
 def attach(pipeline: Pipeline) -> None:
     limits = pipeline.settings.ratelimit
-    buckets = pipeline.table("ratelimit-buckets")
+    adaptive = limits.adaptive
+    table = pipeline.table(TABLE)
+    controller = Aimd(adaptive)
+    lowest_scale = adaptive.min_scale if adaptive.enabled else 1.0
 
     async def ratelimit(_event: EventT[bytes], envelope: Envelope) -> None:
-        tenant = envelope.request.tenant
-        limit = limits.for_tenant(tenant)
-        stored = buckets.get(tenant)
-        bucket = Bucket.from_json(stored) if stored is not None else None
-        decision = take(bucket, limit, envelope.stage_entered_at)
-        buckets[tenant] = decision.bucket.to_json()
+        request = envelope.request
+        quota = limits.for_tenant(request.tenant)
+        now = envelope.stage_entered_at
+        buckets = load_buckets(table.get(request.tenant))
+        decision = admit(
+            buckets,
+            charges(quota, request, envelope.prompt_tokens),
+            now,
+            request.priority,
+            quota.reserve,
+            controller.scale,
+        )
+        buckets.update(decision.buckets)
+        full_after_s = quota.longest_refill_s() / lowest_scale
+        evicted = bound(buckets, now, full_after_s, limits.max_buckets_per_tenant)
+        metrics.ratelimit_evictions.inc(evicted)
+        table[request.tenant] = {key: b.to_json() for key, b in buckets.items()}
         if decision.allowed:
             metrics.stage_events.labels(STAGE, "allowed").inc()
             await pipeline.send("dedup", envelope)
             return
+        refused = decision.refused_by
+        assert refused is not None
         metrics.stage_events.labels(STAGE, "rate_limited").inc()
+        metrics.ratelimit_refusals.labels(refused.limit_name, request.priority.value).inc()
+        if decision.retry_after_s is None:
+            message = f"the request needs more than the {refused.limit_name} limit ever allows"
+            retry_after = None
+        else:
+            message = f"over the {refused.limit_name} limit of {refused.limit.per_second:g}/s"
+            retry_after = math.ceil(decision.retry_after_s * 1000) / 1000
         await pipeline.fail(
-            envelope,
-            ErrorCode.RATE_LIMITED,
-            "tenant_request_rate",
-            f"tenant {tenant!r} is over its limit of {limit.per_second:g} requests/s",
-            retry_after_s=round(decision.retry_after_s, 3),
+            envelope, ErrorCode.RATE_LIMITED, refused.limit_name, message, retry_after
         )
 
     pipeline.stage_agent(STAGE, ratelimit)
+    metrics.ratelimit_scale.set(controller.scale)
+    if not adaptive.enabled:
+        return
+    signal = StageQueueing(metrics.stage_latency, adaptive.stages)
+
+    async def adapt() -> None:
+        load = signal.read()
+        metrics.ratelimit_load.set(load or 0.0)
+        metrics.ratelimit_scale.set(controller.update(load))
+
+    pipeline.app.timer(adaptive.interval_s)(adapt)

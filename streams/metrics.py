@@ -50,6 +50,23 @@ batch_size = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+ratelimit_refusals = Counter(
+    "llmflow_ratelimit_refusals_total",
+    "Requests answered rate_limited, by the limit that refused and the request's priority",
+    ["limit", "priority"],
+)
+ratelimit_scale = Gauge(
+    "llmflow_ratelimit_scale",
+    "Share of the configured refill rates this worker's adaptive limit lets through",
+)
+ratelimit_load = Gauge(
+    "llmflow_ratelimit_load_seconds",
+    "Queueing the adaptive limit saw over its last interval: summed mean stage latencies",
+)
+ratelimit_evictions = Counter(
+    "llmflow_ratelimit_evictions_total",
+    "User or api type buckets dropped by the per-tenant bound before they had refilled",
+)
 
 
 cache_lookups = Counter(

@@ -189,17 +189,81 @@ def default_models() -> list[ModelSpec]:
 
 
 class RateLimit(Section):
-    """A token bucket in requests: `burst` at most, refilled at `per_second`."""
+    """A token bucket: `burst` at most, refilled at `per_second` (requests, or LLM tokens)."""
 
     burst: float = Field(default=200.0, gt=0)
     per_second: float = Field(default=100.0, gt=0)
 
+    @property
+    def refill_s(self) -> float:
+        """Time an empty bucket takes to fill."""
+        return self.burst / self.per_second
+
+
+class Rates(Section):
+    """The buckets of one scope, each optional: requests, and tokens (a request costs its
+    prompt_tokens + max_tokens, charged at admission)."""
+
+    requests: RateLimit | None = None
+    tokens: RateLimit | None = None
+
+
+class Quota(Section):
+    """One tenant's limits: for the whole tenant, for each of its users, and for each api
+    type it calls. All live under the tenant's key, so one check covers them all."""
+
+    tenant: Rates = Rates(requests=RateLimit())
+    user: Rates = Rates()
+    api_types: dict[str, Rates] = Field(default_factory=dict)
+    reserve: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="share of every bucket only high priority may use (Stripe keeps 20 %)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _requests_shorthand(cls, value: Any) -> Any:
+        """`{"burst": 50, "per_second": 10}` is the tenant's request limit alone."""
+        if isinstance(value, dict) and "burst" in value:
+            return {"tenant": {"requests": value}}
+        return value
+
+    def longest_refill_s(self) -> float:
+        rates = [self.tenant, self.user, *self.api_types.values()]
+        limits = [limit for r in rates for limit in (r.requests, r.tokens) if limit is not None]
+        return max((limit.refill_s for limit in limits), default=0.0)
+
+
+class AdaptiveLimit(Section):
+    """AIMD on the rate buckets refill at: every `interval_s`, a worker whose watched stages
+    queued requests longer than `target_s` on average multiplies the rate by `decrease`,
+    else adds `increase`, within [`min_scale`, 1]. Bursts are left whole."""
+
+    enabled: bool = True
+    stages: list[str] = Field(
+        default_factory=lambda: ["ratelimit", "dedup", "cache", "route", "batch"],
+        description="stages whose latency is queueing: their mean latencies are summed",
+    )
+    target_s: float = Field(default=1.0, gt=0)
+    interval_s: float = Field(default=1.0, gt=0)
+    decrease: float = Field(default=0.8, gt=0, lt=1)
+    increase: float = Field(default=0.05, gt=0, le=1)
+    min_scale: float = Field(default=0.1, gt=0, le=1)
+
 
 class RateLimits(Section):
-    default: RateLimit = RateLimit()
-    tenants: dict[str, RateLimit] = Field(default_factory=dict)
+    default: Quota = Quota()
+    tenants: dict[str, Quota] = Field(default_factory=dict)
+    max_buckets_per_tenant: int = Field(
+        default=1000,
+        ge=1,
+        description="user and api type buckets kept per tenant; the least recently used go",
+    )
+    adaptive: AdaptiveLimit = AdaptiveLimit()
 
-    def for_tenant(self, tenant: str) -> RateLimit:
+    def for_tenant(self, tenant: str) -> Quota:
         return self.tenants.get(tenant, self.default)
 
 

@@ -18,7 +18,7 @@ from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import Status
-from topology.settings import RateLimit, Settings
+from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates, Settings
 
 # Concurrent duplicates merge only while their leader is still at the provider; on a
 # loaded 2-core machine a hop can take a few hundred ms, so the provider takes longer.
@@ -28,6 +28,18 @@ TINY_TENANT = "tiny"
 TINY_LIMIT = RateLimit(burst=3, per_second=0.5)
 FROZEN_TENANT = "frozen"
 FROZEN_LIMIT = RateLimit(burst=2, per_second=0.001)
+# Half of each bucket is kept for high priority; the refill is too slow to add a request.
+EXACT_TENANT = "exact"
+EXACT_QUOTA = Quota(
+    tenant=Rates(requests=RateLimit(burst=6, per_second=0.001)),
+    user=Rates(requests=RateLimit(burst=2, per_second=0.001)),
+    reserve=0.5,
+)
+
+
+def requests_only(limit: RateLimit) -> Quota:
+    """A tenant limited in requests alone, all of its bucket open to every priority."""
+    return Quota(tenant=Rates(requests=limit), reserve=0.0)
 
 
 @dataclass
@@ -82,8 +94,15 @@ def pipeline_settings(
     settings = Settings()
     ratelimit = settings.ratelimit.model_copy(
         update={
-            "default": RateLimit(burst=2000, per_second=1000),
-            "tenants": {TINY_TENANT: TINY_LIMIT, FROZEN_TENANT: FROZEN_LIMIT},
+            "default": requests_only(RateLimit(burst=2000, per_second=1000)),
+            "tenants": {
+                TINY_TENANT: requests_only(TINY_LIMIT),
+                FROZEN_TENANT: requests_only(FROZEN_LIMIT),
+                EXACT_TENANT: EXACT_QUOTA,
+            },
+            # The controller runs and exports its scale, but a loaded test machine must
+            # not lower the limits the tests count.
+            "adaptive": AdaptiveLimit(target_s=3600.0),
         }
     )
     return settings.model_copy(

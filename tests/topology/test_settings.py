@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from topology.settings import RateLimit, Settings, load_settings, to_env
+from topology.settings import Quota, RateLimit, Rates, Settings, load_settings, to_env
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -43,8 +43,8 @@ def test_file_then_env_overrides(tmp_path: Path) -> None:
     assert s.bootstrap_servers == "kafka-1:9093,kafka-2:9093"
     assert s.cache.ttl_s == 5.0
     assert s.cache.max_entries_per_partition == 7  # the file's, merged not replaced
-    assert s.ratelimit.for_tenant("Acme") == RateLimit(burst=10, per_second=2.5)
-    assert s.ratelimit.for_tenant("other") == RateLimit()
+    assert s.ratelimit.for_tenant("Acme").tenant.requests == RateLimit(burst=10, per_second=2.5)
+    assert s.ratelimit.for_tenant("other") == Quota()
 
 
 def test_config_file_named_by_env(tmp_path: Path) -> None:
@@ -97,7 +97,9 @@ def test_to_env_round_trips() -> None:
     assert all(k.startswith("LLMFLOW_") for k in env)
     loaded = load_settings(environ=env)
     assert loaded == custom
-    assert loaded.ratelimit.for_tenant("Acme").burst == 10
+    assert loaded.ratelimit.for_tenant("Acme") == Quota(
+        tenant=Rates(requests=RateLimit(burst=10, per_second=2.5))
+    )
 
 
 def test_to_env_round_trips_defaults() -> None:
