@@ -32,8 +32,9 @@ from typing import Any, Generic, TypeVar, cast
 from faust import Stream
 from faust.types import EventT, StreamT
 
+from agents.cache import cached_answer
 from agents.infer import InferenceRunner
-from schemas.messages import Envelope, ErrorCode, Priority, Status, StreamChunk, dump
+from schemas.messages import Envelope, ErrorCode, Priority, Result, Status, StreamChunk, dump
 from streams import metrics
 from streams.app import Pipeline
 from streams.drivers.backends import open_backends
@@ -359,7 +360,10 @@ def attach(pipeline: Pipeline) -> None:
     async def send_chunk(chunk: StreamChunk) -> None:
         await pipeline.stream_topic.send(key=chunk.id.encode(), value=dump(chunk))
 
-    runner = InferenceRunner(settings, backends, send_chunk)
+    async def cached(envelope: Envelope) -> Result | None:
+        return await cached_answer(pipeline, envelope)
+
+    runner = InferenceRunner(settings, backends, send_chunk, cached=cached)
 
     async def close_backends(_app: object, *_args: object, **_kwargs: object) -> None:
         await backends.close()

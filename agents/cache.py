@@ -109,13 +109,15 @@ class ExactCache:
 
 
 def cacheable(envelope: Envelope) -> bool:
-    """Only complete answers are kept: never errors, never answers cut off by max_tokens."""
+    """Only complete answers are kept: never errors, never answers cut off by max_tokens,
+    never a cheaper model's answer given when the chosen one failed."""
     result = envelope.result
     return (
         envelope.request.cache.write
         and envelope.status == Status.OK
         and result is not None
         and result.error is None
+        and result.degraded is None
         and bool(result.output)
         and result.finish_reason != "length"
     )
@@ -410,6 +412,8 @@ class Caches:
         check, result = envelope.semantic_check, envelope.result
         if check is None or self.semantic is None or result is None or not result.output:
             return
+        if result.degraded is not None:
+            return
         correct = same_answer(result.output, check.output)
         metrics.stage_events.labels(STAGE, f"semantic_verified_{correct}".lower()).inc()
         self.semantic.observe(check, correct, partition)
@@ -459,6 +463,18 @@ async def read_l2(pipeline: Pipeline, key: str) -> tuple[Result, float] | None:
         return None
     remaining = stored.expires_at - time.time()
     return (stored.result, remaining) if remaining > 0 else None
+
+
+async def cached_answer(pipeline: Pipeline, envelope: Envelope) -> Result | None:
+    """The shared tier's answer to this very request: infer's degraded answer when every
+    model failed (the cache stage missed it, but an identical request may have been
+    answered since)."""
+    stored = await read_l2(pipeline, envelope.fingerprint)
+    if stored is None:
+        return None
+    result, _ttl_s = stored
+    result.cache_kind, result.cache_tier = "exact", "l2"
+    return result
 
 
 async def write_l2(pipeline: Pipeline, key: str, result: Result, expires_at: float) -> None:

@@ -1,8 +1,11 @@
-"""Infer: call the chosen model for each request of a batch, with timeouts and retries.
+"""Infer: call the chosen model for each request of a batch, and survive its failures.
 
 It runs fused inside the batch agent: both are keyed by model, so a Kafka hop between them
-would buy nothing. Backends (the OpenAI-compatible HTTP one today) live in
-`streams.drivers`; this module decides how long to wait, when to retry and what failed.
+would buy nothing. Backends (OpenAI-compatible HTTP, local ONNX decoders) live in
+`streams.drivers`; this module decides how long to wait, when to retry, when to stop
+calling a deployment (`agents.breaker`), which model stands in (`agents.failover`), and
+what failed. A request's answer comes from, in order: the routed model, the models of its
+fallback chain, then, marked degraded, a cached answer or a cheaper model's.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
+from agents.breaker import Breakers, BreakerState, Outcome
+from agents.failover import Budget, cheaper_substitute, fallback_chain, time_budget
 from schemas.messages import Envelope, ErrorCode, Result, Status, StreamChunk
 from streams import metrics
 from topology.settings import InferSettings, ModelSpec, Settings
@@ -78,19 +84,57 @@ class StreamedChunks:
         await self.sink(StreamChunk(id=self.request_id, index=index, delta=delta))
 
 
+CachedAnswer = Callable[[Envelope], Awaitable[Result | None]]
+STATE_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+def count_transition(model: str, state: BreakerState) -> None:
+    metrics.circuit_state.labels(model).set(STATE_GAUGE[state])
+    metrics.circuit_transitions.labels(model, state.value).inc()
+    log.warning("circuit of %s is now %s", model, state.value)
+
+
+def streamed(stream: StreamedChunks | None) -> bool:
+    """Whether the caller already has part of an answer: no other answer may follow it."""
+    return stream is not None and stream.sent > 0
+
+
+@dataclass(frozen=True)
+class TimeLeft:
+    """One request's time budget, ending at `ends_at` on the event loop's clock."""
+
+    budget: Budget
+    ends_at: float
+
+    def seconds(self) -> float:
+        return self.ends_at - asyncio.get_running_loop().time()
+
+    def call_timeout(self) -> float | None:
+        """A call's own timeout, when it ends before the request's; else None, and the
+        request's own timeout cancels the call (which says nothing of the deployment)."""
+        share = self.budget.attempt_s
+        return share if share < self.seconds() else None
+
+
 class InferenceRunner:
+    """Answers batches; holds this worker's breakers, so it lives as long as the worker."""
+
     def __init__(
         self,
         settings: Settings,
         backend: ChatBackend,
         chunks: ChunkSink | None = None,
         seed: int | None = None,
+        cached: CachedAnswer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.chunks = chunks
+        self.cached = cached
         self.rng = random.Random(seed)
         self.slots = asyncio.Semaphore(settings.infer.max_concurrency)
+        self.breakers = Breakers(settings.infer.breaker, clock, count_transition)
 
     async def run(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Answer every envelope of a batch: each gets a result or an error, never nothing."""
@@ -112,17 +156,17 @@ class InferenceRunner:
     async def _answer_from(
         self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
     ) -> None:
-        budget = self.settings.infer.timeout_s
-        if envelope.request.deadline is not None:
-            budget = min(budget, envelope.request.deadline - time.time())
+        budget = time_budget(self.settings.infer, envelope.request, time.time())
         try:
-            result = await asyncio.wait_for(self._call(spec, envelope, stream), budget)
+            result = await asyncio.wait_for(
+                self._call(spec, envelope, stream, budget), budget.total_s
+            )
         except TimeoutError:
             metrics.upstream_calls.labels(spec.name, "timeout").inc()
             envelope.fail(
                 ErrorCode.TIMEOUT,
                 "upstream_timeout",
-                f"{spec.name} did not answer within {max(budget, 0):.3f}s",
+                f"{spec.name} did not answer within {budget.total_s:.3f}s",
             )
             return
         except UpstreamError as exc:
@@ -134,32 +178,124 @@ class InferenceRunner:
             envelope.fail(ErrorCode.UPSTREAM_ERROR, "backend_failure", repr(exc))
             return
         envelope.result = result
-        envelope.status = Status.OK
+        envelope.status = Status.CACHED if result.degraded == "cache" else Status.OK
 
     async def _call(
-        self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
+        self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None, budget: Budget
     ) -> Result:
         """Waiting for a slot counts against the request's time budget too."""
+        time_left = TimeLeft(budget, asyncio.get_running_loop().time() + budget.total_s)
         async with self.slots:
-            return await self._with_retries(spec, envelope, stream)
+            return await self._failover(spec, envelope, stream, time_left)
+
+    async def _failover(
+        self,
+        routed: ModelSpec,
+        envelope: Envelope,
+        stream: StreamedChunks | None,
+        time_left: TimeLeft,
+    ) -> Result:
+        """The routed model, then its fallbacks, then a degraded answer; a failure after
+        part of the answer was streamed ends it there."""
+        failure: UpstreamError | None = None
+        tried: list[str] = []
+        for spec in fallback_chain(self.settings, routed):
+            try:
+                return await self._with_retries(spec, envelope, stream, time_left)
+            except UpstreamError as exc:
+                if streamed(stream):
+                    raise
+                failure = exc
+                tried.append(spec.name)
+                metrics.fallbacks.labels(spec.name, exc.reason).inc()
+        assert failure is not None, "a chain holds the routed model at least"
+        if not self.settings.infer.degrade:
+            raise failure
+        return await self._degraded(routed, envelope, stream, time_left, tried, failure)
+
+    async def _degraded(
+        self,
+        routed: ModelSpec,
+        envelope: Envelope,
+        stream: StreamedChunks | None,
+        time_left: TimeLeft,
+        tried: list[str],
+        failure: UpstreamError,
+    ) -> Result:
+        """A cached answer if the request may read the cache, else a cheaper model's."""
+        if self.cached is not None and envelope.request.cache.read:
+            result = await self.cached(envelope)
+            if result is not None:
+                metrics.degraded_answers.labels("cache").inc()
+                result.degraded = "cache"
+                return result
+        substitute = cheaper_substitute(
+            self.settings, routed, envelope, tried, lambda m: self.breakers.of(m).would_allow()
+        )
+        if substitute is None:
+            raise failure
+        result = await self._with_retries(substitute, envelope, stream, time_left)
+        metrics.degraded_answers.labels("cheaper_model").inc()
+        result.degraded = "cheaper_model"
+        return result
 
     async def _with_retries(
-        self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
+        self,
+        spec: ModelSpec,
+        envelope: Envelope,
+        stream: StreamedChunks | None,
+        time_left: TimeLeft,
     ) -> Result:
-        """A call that already streamed part of its answer is not retried: the caller has
-        those chunks, and a second answer would not continue them."""
-        retries = self.settings.infer.retries
-        for attempt in range(retries + 1):
+        """Retries with backoff, never sooner than the upstream's Retry-After, and not at
+        all when that would be after the request's time is up: the next model may answer
+        in time. A call that already streamed part of its answer is not retried: the
+        caller has those chunks, and a second answer would not continue them."""
+        infer = self.settings.infer
+        for attempt in range(infer.retries + 1):
             try:
-                result = await self.backend.complete(spec, envelope, stream)
+                return await self._attempt(spec, envelope, stream, time_left)
             except UpstreamError as exc:
-                metrics.upstream_calls.labels(spec.name, exc.reason).inc()
-                streamed = stream is not None and stream.sent > 0
-                if not exc.retryable or attempt == retries or streamed:
+                if not exc.retryable or attempt == infer.retries or streamed(stream):
                     raise
-                delay = backoff_delay(attempt, self.settings.infer, self.rng)
-                await asyncio.sleep(max(delay, exc.retry_after_s or 0.0))
-                continue
-            metrics.upstream_calls.labels(spec.name, "ok").inc()
-            return result
+                delay = max(backoff_delay(attempt, infer, self.rng), exc.retry_after_s or 0.0)
+                if delay >= time_left.seconds():
+                    raise
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _attempt(
+        self,
+        spec: ModelSpec,
+        envelope: Envelope,
+        stream: StreamedChunks | None,
+        time_left: TimeLeft,
+    ) -> Result:
+        """One call through the deployment's breaker, which learns its outcome: retryable
+        errors and timeouts count against the deployment, a refused request does not."""
+        breaker = self.breakers.of(spec.name)
+        permit = breaker.allow()
+        if permit is None:
+            metrics.upstream_calls.labels(spec.name, "circuit_open").inc()
+            raise UpstreamError("circuit_open", f"{spec.name}'s circuit is open", retryable=False)
+        timeout = time_left.call_timeout()
+        outcome = Outcome.ABANDONED
+        try:
+            result = await asyncio.wait_for(self.backend.complete(spec, envelope, stream), timeout)
+            outcome = Outcome.SUCCESS
+        except TimeoutError as exc:
+            outcome = Outcome.FAILURE
+            metrics.upstream_calls.labels(spec.name, "timeout").inc()
+            raise UpstreamError(
+                "attempt_timeout",
+                f"{spec.name} did not answer within {timeout or 0.0:.3f}s",
+                retryable=True,
+                code=ErrorCode.TIMEOUT,
+            ) from exc
+        except UpstreamError as exc:
+            outcome = Outcome.FAILURE if exc.retryable else Outcome.ABANDONED
+            metrics.upstream_calls.labels(spec.name, exc.reason).inc()
+            raise
+        finally:
+            breaker.record(permit, outcome)
+        metrics.upstream_calls.labels(spec.name, "ok").inc()
+        return result

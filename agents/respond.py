@@ -43,6 +43,7 @@ def build_response(envelope: Envelope, now: float) -> LLMResponse:
         response.finish_reason = result.finish_reason
         response.model = result.model or envelope.model
         response.usage = result.usage
+        response.degraded = result.degraded
         if result.cache_tier is not None:
             response.cache_kind = result.cache_kind or "exact"
             response.cache_tier = result.cache_tier

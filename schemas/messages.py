@@ -34,6 +34,15 @@ class Priority(StrEnum):
     LOW = "low"
 
 
+class RequestClass(StrEnum):
+    SIMPLE = "simple"
+    COMPLEX = "complex"
+    BATCH = "batch"
+
+
+Degraded = Literal["cache", "cheaper_model"]
+
+
 class Role(StrEnum):
     SYSTEM = "system"
     USER = "user"
@@ -78,6 +87,11 @@ class LLMRequest(WireModel):
     user: str = Field(default="anonymous", max_length=128)
     api_type: str = Field(default="chat", max_length=64)
     priority: Priority = Priority.NORMAL
+    request_class: RequestClass | None = Field(
+        default=None,
+        description="simple, complex or batch: picks infer's timeout; unset, low priority "
+        "is batch and the rest simple",
+    )
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     model: str | None = Field(default=None, description="model hint; the router decides if unset")
     params: GenerationParams = Field(default_factory=GenerationParams)
@@ -149,6 +163,10 @@ class LLMResponse(WireModel):
     merge_kind: Literal["exact", "semantic"] | None = Field(
         default=None, description="merged: an identical request led, or a near-identical one"
     )
+    degraded: Degraded | None = Field(
+        default=None,
+        description="every model of the chain failed: a cached answer, or a cheaper model's",
+    )
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     latency_ms: float = 0.0
@@ -203,6 +221,7 @@ class Result(BaseModel):
     streamed_chunks: int = Field(
         default=0, description="chunks infer already sent on the stream topic, as generated"
     )
+    degraded: Degraded | None = None
     confidence: float | None = Field(
         default=None,
         ge=0.0,

@@ -50,6 +50,24 @@ batch_size = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+circuit_state = Gauge(
+    "llmflow_circuit_state",
+    "Circuit breaker of each deployment on this worker: 0 closed, 1 half-open, 2 open",
+    ["model"],
+)
+circuit_transitions = Counter(
+    "llmflow_circuit_transitions_total",
+    "Breaker state changes, by the state entered",
+    ["model", "state"],
+)
+fallbacks = Counter(
+    "llmflow_fallbacks_total",
+    "Requests that left a failing model for the next of its chain or a degraded answer",
+    ["model", "reason"],
+)
+degraded_answers = Counter(
+    "llmflow_degraded_answers_total", "Answers given once every model of the chain failed", ["kind"]
+)
 ratelimit_refusals = Counter(
     "llmflow_ratelimit_refusals_total",
     "Requests answered rate_limited, by the limit that refused and the request's priority",

@@ -65,7 +65,7 @@ class StreamedCompletion:
 
     def body(self) -> dict[str, Any]:
         if not self.done:
-            raise UpstreamError("stream_broken", "the stream ended before [DONE]", False)
+            raise UpstreamError("stream_broken", "the stream ended before [DONE]", True)
         message = {"content": "".join(self.parts)}
         return {"choices": [{"message": message, "finish_reason": self.finish_reason}], **self.tail}
 

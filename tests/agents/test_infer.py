@@ -6,12 +6,23 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from agents.breaker import BreakerState
 from agents.infer import Delta, InferenceRunner, UpstreamError, backoff_delay
-from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, StreamChunk, Usage
-from topology.settings import InferSettings, ModelSpec, Settings
+from schemas.messages import (
+    Envelope,
+    ErrorCode,
+    LLMRequest,
+    RequestClass,
+    Result,
+    Status,
+    StreamChunk,
+    Usage,
+)
+from topology.settings import ClassTimeout, InferSettings, ModelSpec, Settings
 
 Behaviour = Callable[[int, Envelope], Result]
 
@@ -46,8 +57,21 @@ def answer(_call: int, envelope: Envelope) -> Result:
     )
 
 
-def settings(**infer: float) -> Settings:
-    values = {"backoff_base_s": 0.001, "backoff_max_s": 0.002, **infer}
+def every_class(total_s: float, attempt_share: float = 1.0) -> dict[RequestClass, ClassTimeout]:
+    timeout = ClassTimeout(total_s=total_s, attempt_share=attempt_share)
+    return dict.fromkeys(RequestClass, timeout)
+
+
+def settings(**infer: Any) -> Settings:
+    """One model, no fallbacks, nothing degraded: what a model's own retries do."""
+    values = {
+        "backoff_base_s": 0.001,
+        "backoff_max_s": 0.002,
+        "retries": 2,
+        "fallbacks": {},
+        "degrade": False,
+        **infer,
+    }
     return Settings(infer=InferSettings(**values))
 
 
@@ -155,7 +179,8 @@ async def test_slow_backend_beyond_the_deadline_times_out() -> None:
 
 async def test_slow_backend_beyond_timeout_s_times_out() -> None:
     backend = FakeBackend(answer, delay_s=5.0)
-    (env,) = await InferenceRunner(settings(timeout_s=0.05), backend).run([envelope()])
+    runner = InferenceRunner(settings(timeouts=every_class(0.05)), backend)
+    (env,) = await runner.run([envelope()])
     assert env.result is not None and env.result.error is not None
     assert env.result.error.code == ErrorCode.TIMEOUT
     assert "0.050s" in env.result.error.message
@@ -288,3 +313,173 @@ async def test_a_stream_cut_midway_is_not_retried_and_counts_what_was_sent() -> 
     assert env.status is Status.ERROR and env.result is not None and env.result.error
     assert env.result.error.code is ErrorCode.UPSTREAM_ERROR
     assert env.result.streamed_chunks == 2 == len(sent)
+
+
+def chained(**infer: Any) -> Settings:
+    """The default chain: sim-small falls back to sim-large; sim-large degrades to sim-small."""
+    return settings(**{"fallbacks": {"sim-small": ["sim-large"]}, "degrade": True, **infer})
+
+
+def failing_for(*models: str, retryable: bool = True) -> Behaviour:
+    def behaviour(call: int, env: Envelope) -> Result:
+        if env.model in models:
+            raise UpstreamError("http_500", "down", retryable=retryable)
+        return answer(call, env)
+
+    return behaviour
+
+
+class ByModel(FakeBackend):
+    """Fails every call to the models in `down`; the others answer as the model called."""
+
+    def __init__(self, down: set[str]) -> None:
+        super().__init__(answer)
+        self.down = down
+
+    async def complete(
+        self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+    ) -> Result:
+        self.calls.append((spec.name, envelope.request.id))
+        if spec.name in self.down:
+            raise UpstreamError("http_500", f"{spec.name} is down", retryable=True)
+        return answer(len(self.calls), envelope).model_copy(update={"model": spec.name})
+
+
+async def test_a_failing_model_falls_back_to_the_next_of_its_chain() -> None:
+    backend = ByModel(down={"sim-small"})
+    (env,) = await InferenceRunner(chained(), backend).run([envelope(model="sim-small")])
+    assert env.status is Status.OK and env.result is not None
+    assert env.result.model == "sim-large" and env.result.degraded is None
+    assert [m for m, _ in backend.calls] == ["sim-small"] * 3 + ["sim-large"]
+
+
+async def test_when_the_chain_fails_a_cached_answer_is_given_marked() -> None:
+    async def cached(env: Envelope) -> Result | None:
+        return Result(output="from before", model="sim-large", cache_tier="l2", cache_kind="exact")
+
+    backend = ByModel(down={"sim-small", "sim-large"})
+    runner = InferenceRunner(chained(), backend, cached=cached)
+    (env,) = await runner.run([envelope(model="sim-large")])
+    assert env.status is Status.CACHED and env.result is not None
+    assert env.result.output == "from before" and env.result.degraded == "cache"
+
+
+async def test_a_request_that_may_not_read_the_cache_gets_no_cached_answer() -> None:
+    async def cached(env: Envelope) -> Result | None:
+        return Result(output="from before")
+
+    backend = ByModel(down={"sim-small", "sim-large"})
+    env = envelope(model="sim-large", cache={"read": False})
+    (env,) = await InferenceRunner(chained(), backend, cached=cached).run([env])
+    assert env.status is Status.ERROR and env.result is not None and env.result.error
+    assert env.result.error.reason == "http_500"
+
+
+async def test_without_a_cached_answer_a_cheaper_model_answers_marked() -> None:
+    backend = ByModel(down={"sim-large"})
+    (env,) = await InferenceRunner(chained(), backend).run([envelope(model="sim-large")])
+    assert env.status is Status.OK and env.result is not None
+    assert env.result.model == "sim-small" and env.result.degraded == "cheaper_model"
+
+
+async def test_when_everything_fails_the_last_error_is_the_answer() -> None:
+    backend = ByModel(down={"sim-small", "sim-large"})
+    (env,) = await InferenceRunner(chained(), backend).run([envelope(model="sim-small")])
+    assert env.status is Status.ERROR and env.result is not None and env.result.error
+    assert env.result.error.message == "sim-large is down"
+    assert len(backend.calls) == 6  # three calls each, and nothing cheaper than sim-small
+
+
+async def test_degrade_off_answers_the_failure() -> None:
+    backend = ByModel(down={"sim-large"})
+    runner = InferenceRunner(chained(degrade=False), backend)
+    (env,) = await runner.run([envelope(model="sim-large")])
+    assert env.status is Status.ERROR
+
+
+async def test_an_open_breaker_skips_its_model_without_calling_it() -> None:
+    breaker = {"min_calls": 3, "failure_rate": 0.5, "cooldown_s": 60.0}
+    backend = ByModel(down={"sim-small"})
+    runner = InferenceRunner(chained(retries=0, breaker=breaker), backend)
+    await runner.run([envelope(f"warm-{i}", model="sim-small") for i in range(3)])
+    assert runner.breakers.of("sim-small").state is BreakerState.OPEN
+    backend.calls.clear()
+    (env,) = await runner.run([envelope("next", model="sim-small")])
+    assert env.status is Status.OK and env.result is not None
+    assert env.result.model == "sim-large"
+    assert backend.calls == [("sim-large", "next")]
+
+
+async def test_refused_requests_do_not_open_the_breaker() -> None:
+    breaker = {"min_calls": 2, "failure_rate": 0.5}
+    backend = FakeBackend(failing_for("sim-small", retryable=False))
+    runner = InferenceRunner(settings(breaker=breaker), backend)
+    await runner.run([envelope(f"r{i}") for i in range(5)])
+    assert runner.breakers.of("sim-small").state is BreakerState.CLOSED
+
+
+async def test_a_hung_call_times_out_alone_and_the_retry_answers() -> None:
+    cancelled: list[str] = []
+
+    class HangsOnce(FakeBackend):
+        async def complete(
+            self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+        ) -> Result:
+            self.calls.append((spec.name, envelope.request.id))
+            if len(self.calls) == 1:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    cancelled.append("first call")  # its connection would be released here
+                    raise
+            return answer(len(self.calls), envelope)
+
+    backend = HangsOnce(answer)
+    runner = InferenceRunner(settings(timeouts=every_class(0.6, attempt_share=0.25)), backend)
+    (env,) = await runner.run([envelope()])
+    assert env.status is Status.OK
+    assert len(backend.calls) == 2
+    assert cancelled == ["first call"]
+
+
+async def test_a_call_cut_by_the_requests_own_deadline_is_not_held_against_the_model() -> None:
+    backend = FakeBackend(answer, delay_s=5.0)
+    whole = every_class(30.0, attempt_share=1.0)
+    runner = InferenceRunner(settings(timeouts=whole, breaker={"min_calls": 1}), backend)
+    (env,) = await runner.run([envelope(deadline=time.time() + 0.05)])
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code is ErrorCode.TIMEOUT
+    assert runner.breakers.of("sim-small").window.counts(time.monotonic()) == (0, 0)
+
+
+async def test_a_retry_after_beyond_the_deadline_moves_on_to_the_next_model() -> None:
+    def throttled(call: int, env: Envelope) -> Result:
+        raise UpstreamError("http_429", "slow down", retryable=True, retry_after_s=30.0)
+
+    class Throttled(ByModel):
+        async def complete(
+            self, spec: ModelSpec, envelope: Envelope, on_delta: Delta | None = None
+        ) -> Result:
+            if spec.name == "sim-small":
+                self.calls.append((spec.name, envelope.request.id))
+                return throttled(len(self.calls), envelope)
+            return await super().complete(spec, envelope, on_delta)
+
+    backend = Throttled(down=set())
+    env = envelope(model="sim-small", deadline=time.time() + 2.0)
+    (env,) = await InferenceRunner(chained(), backend).run([env])
+    assert env.status is Status.OK and env.result is not None
+    assert env.result.model == "sim-large"
+    assert [m for m, _ in backend.calls] == ["sim-small", "sim-large"]
+
+
+async def test_a_stream_cut_midway_does_not_fall_back() -> None:
+    async def sink(chunk: StreamChunk) -> None:
+        pass
+
+    backend = StreamingBackend(fail_after=1)
+    (env,) = await InferenceRunner(chained(), backend, sink).run(
+        [envelope(model="sim-small", stream=True)]
+    )
+    assert env.status is Status.ERROR
+    assert backend.calls == [("sim-small", "r1")]
