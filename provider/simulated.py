@@ -70,6 +70,9 @@ class SimulatedProviderConfig(BaseModel):
     rate_limit_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     timeout_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     hang_s: float = Field(default=30.0, ge=0.0)
+    stream_break_rate: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="streams that stop halfway, without [DONE]"
+    )
     seed: int = 0
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
 
@@ -224,6 +227,7 @@ class ProviderStats:
         "server_error",
         "rate_limited",
         "timeout",
+        "stream_broken",
         "client_disconnected",
     )
 
@@ -433,7 +437,14 @@ class SimulatedProvider:
             await resp.prepare(request)
             await resp.write(chunk({"role": "assistant", "content": ""}, None))
             per_token_s = self.config.per_token_ms / 1000.0
+            breaks_at = (
+                len(words) // 2 if self.rng.random() < self.config.stream_break_rate else None
+            )
             for i, word in enumerate(words):
+                if i == breaks_at:
+                    self.stats.errors["stream_broken"] += 1
+                    await resp.write_eof()
+                    return resp
                 await self._sleep(per_token_s)
                 await resp.write(chunk({"content": word if i == 0 else " " + word}, None))
             await resp.write(chunk({}, finish))
@@ -546,6 +557,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-limit-rate", type=float)
     p.add_argument("--timeout-rate", type=float)
     p.add_argument("--hang-s", type=float)
+    p.add_argument("--stream-break-rate", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--models", help='JSON, e.g. {"m": {"input_per_1k": 0.1, "output_per_1k": 0.2}}')
     return p.parse_args(argv)
