@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench import batching as bench_batching
+from bench import faults as bench_faults
 from bench import locality as bench_locality
 from evaluation.pairs import evaluate as eval_pairs
 from evaluation.replay import run as eval_replay
@@ -239,6 +240,9 @@ def parser() -> argparse.ArgumentParser:
     locality = bench_sub.add_parser("locality", help="LSH partition keys: split near-duplicates")
     bench_locality.add_arguments(locality)
     locality.set_defaults(func=bench_locality.run)
+    faults = bench_sub.add_parser("faults", help="answers in time under provider faults")
+    bench_faults.add_arguments(faults)
+    faults.set_defaults(func=bench_faults.run)
 
     pairs = sub.add_parser("eval-pairs", help="the semantic cache on labelled prompt pairs")
     eval_pairs.add_arguments(pairs)
