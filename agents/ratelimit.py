@@ -137,7 +137,7 @@ def load_buckets(stored: object) -> dict[str, Bucket]:
 
 def bound(buckets: dict[str, Bucket], now: float, full_after_s: float, most: int) -> int:
     """Drop buckets untouched for `full_after_s` (full again, so the same as absent), then
-    the least recently used beyond `most`; returns how many of those were not yet full."""
+    the least recently used beyond `most`; returns how many went before they were full."""
     for key in [k for k, b in buckets.items() if now - b.updated_at >= full_after_s]:
         del buckets[key]
     over = len(buckets) - most
