@@ -85,7 +85,9 @@ async def streamed_chunks(pipeline: RunningPipeline, request_id: str) -> list[St
 def check_duplicates_and_repeats(
     first_wave: list[LLMRequest], answers: dict[str, LLMResponse]
 ) -> Counter[str]:
-    """Identical requests sent together: one model call, the others merged into it."""
+    """Identical requests sent together: one model call, the others merged into it, or,
+    when the CPU is slow enough that a copy reaches dedup after the model answered, served
+    from the cache (and a copy that waited on that one merged into it)."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for request in first_wave:
         groups[(request.tenant, request.messages[0].content)].append(request.id)
@@ -95,8 +97,9 @@ def check_duplicates_and_repeats(
         leaders = [i for i in ids if answers[i].status is Status.OK]
         assert len(leaders) == 1, f"group {ids} answered {statuses}"
         for follower in set(ids) - set(leaders):
-            assert answers[follower].status is Status.MERGED
-            assert answers[follower].merged_with == leaders[0]
+            assert answers[follower].status in (Status.MERGED, Status.CACHED), statuses
+            if answers[follower].status is Status.MERGED:
+                assert answers[follower].merged_with in ids
             assert answers[follower].output == answers[leaders[0]].output
         shapes["group" if len(ids) > 1 else "single"] += 1
     return shapes
