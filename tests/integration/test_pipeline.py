@@ -121,6 +121,11 @@ async def run_500(pipeline: RunningPipeline, client: LLMFlowClient) -> None:
     assert len(first) + len(second) == 500
     shapes = check_duplicates_and_repeats(workload.first_wave, first)
     assert shapes["group"] >= 30, shapes
+    copies = len(workload.first_wave) - len(
+        {(r.tenant, r.messages[0].content) for r in workload.first_wave}
+    )
+    merged = sum(1 for r in first.values() if r.status is Status.MERGED)
+    assert merged >= copies // 2, f"{merged} of {copies} copies merged"
     assert {r.status for r in second.values()} == {Status.CACHED}
     for request in workload.second_wave:
         answer = second[request.id]
