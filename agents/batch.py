@@ -363,7 +363,9 @@ def attach(pipeline: Pipeline) -> None:
     async def cached(envelope: Envelope) -> Result | None:
         return await cached_answer(pipeline, envelope)
 
-    runner = InferenceRunner(settings, backends, send_chunk, cached=cached)
+    runner = InferenceRunner(
+        settings, backends, send_chunk, cached=cached, cancelled=pipeline.cancelled
+    )
 
     async def close_backends(_app: object, *_args: object, **_kwargs: object) -> None:
         await backends.close()
@@ -408,6 +410,8 @@ def attach(pipeline: Pipeline) -> None:
             """Run the model; the answers go on in their own task, so the model's slot is
             free for the next batch while they are sent."""
             metrics.batch_size.labels(model).observe(len(items))
+            for _, envelope in items:
+                await pipeline.report(envelope, "infer")
             await runner.run([e for _, e in items])
             task = asyncio.create_task(hand_on_all(items))
             handing_on.add(task)
@@ -432,7 +436,7 @@ def attach(pipeline: Pipeline) -> None:
         try:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
                 try:
-                    if await pipeline.finish_if_expired(envelope, STAGE):
+                    if await pipeline.screen(envelope, STAGE):
                         await manual.ack(event)
                         continue
                     priority = envelope.request.priority

@@ -5,7 +5,8 @@ would buy nothing. Backends (OpenAI-compatible HTTP, local ONNX decoders) live i
 `streams.drivers`; this module decides how long to wait, when to retry, when to stop
 calling a deployment (`agents.breaker`), which model stands in (`agents.failover`), and
 what failed. A request's answer comes from, in order: the routed model, the models of its
-fallback chain, then, marked degraded, a cached answer or a cheaper model's.
+fallback chain, then, marked degraded, a cached answer or a cheaper model's. A cancelled
+request's call is stopped where it is, which frees its slot and its connection.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from agents.breaker import Breakers, BreakerState, Outcome
 from agents.failover import Budget, cheaper_substitute, fallback_chain, time_budget
 from schemas.messages import Envelope, ErrorCode, Result, Status, StreamChunk
 from streams import metrics
+from streams.cancel import CancelledSet
 from topology.settings import InferSettings, ModelSpec, Settings
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ class InferenceRunner:
         seed: int | None = None,
         cached: CachedAnswer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cancelled: CancelledSet | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -135,6 +138,18 @@ class InferenceRunner:
         self.rng = random.Random(seed)
         self.slots = asyncio.Semaphore(settings.infer.max_concurrency)
         self.breakers = Breakers(settings.infer.breaker, clock, count_transition)
+        self.cancelled = cancelled
+        self._calls: dict[str, asyncio.Future[Result]] = {}
+        if cancelled is not None:
+            cancelled.listen(lambda event: self._stop(event.request_id))
+
+    def _stop(self, request_id: str) -> None:
+        call = self._calls.get(request_id)
+        if call is not None:
+            call.cancel()
+
+    def _cancel_reason(self, request_id: str) -> str | None:
+        return self.cancelled.reason(request_id) if self.cancelled is not None else None
 
     async def run(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Answer every envelope of a batch: each gets a result or an error, never nothing."""
@@ -145,6 +160,10 @@ class InferenceRunner:
         spec = self.settings.model(envelope.model or "")
         if spec is None:
             envelope.fail(ErrorCode.INVALID, "unknown_model", f"no model {envelope.model!r}")
+            return
+        reason = self._cancel_reason(envelope.request.id)
+        if reason is not None:
+            envelope.fail(ErrorCode.CANCELLED, "cancelled", f"{reason} (while batched)")
             return
         stream = None
         if envelope.request.stream and self.chunks is not None:
@@ -157,10 +176,18 @@ class InferenceRunner:
         self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None
     ) -> None:
         budget = time_budget(self.settings.infer, envelope.request, time.time())
+        request_id = envelope.request.id
+        call = asyncio.ensure_future(self._call(spec, envelope, stream, budget))
+        self._calls[request_id] = call
         try:
-            result = await asyncio.wait_for(
-                self._call(spec, envelope, stream, budget), budget.total_s
-            )
+            result = await asyncio.wait_for(call, budget.total_s)
+        except asyncio.CancelledError:
+            reason = self._cancel_reason(request_id)
+            if reason is None or self._stopping():
+                raise
+            metrics.upstream_calls.labels(spec.name, "cancelled").inc()
+            envelope.fail(ErrorCode.CANCELLED, "cancelled", f"{reason} (during its model call)")
+            return
         except TimeoutError:
             metrics.upstream_calls.labels(spec.name, "timeout").inc()
             envelope.fail(
@@ -177,8 +204,17 @@ class InferenceRunner:
             log.exception("backend for %s failed", spec.name)
             envelope.fail(ErrorCode.UPSTREAM_ERROR, "backend_failure", repr(exc))
             return
+        finally:
+            if self._calls.get(request_id) is call:
+                del self._calls[request_id]
         envelope.result = result
         envelope.status = Status.CACHED if result.degraded == "cache" else Status.OK
+
+    @staticmethod
+    def _stopping() -> bool:
+        """Whether this task itself is being cancelled (the worker stops), not its call."""
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
 
     async def _call(
         self, spec: ModelSpec, envelope: Envelope, stream: StreamedChunks | None, budget: Budget
@@ -260,6 +296,7 @@ class InferenceRunner:
                 delay = max(backoff_delay(attempt, infer, self.rng), exc.retry_after_s or 0.0)
                 if delay >= time_left.seconds():
                     raise
+                envelope.retries += 1
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -47,15 +47,19 @@ def finish(envelope: Envelope) -> None:
         envelope.status = Status.ERROR if result is None or result.error else Status.OK
 
 
-def release(follower: Envelope, leader: Envelope) -> str:
+def release(follower: Envelope, leader: Envelope, cancelled: str | None = None) -> str:
     """Where a follower goes once its leader is done, as the stage it is sent to.
 
-    It is answered with the leader's answer, or with a timeout if its own deadline passed
-    while it waited. A leader that ran out of its own time says nothing about its
-    followers' requests: they go back to dedup, where the first leads anew. A leader that
-    failed otherwise does not fail them: each goes on alone (nginx's proxy_cache_lock),
-    so one bad call is not multiplied.
+    It is answered with the leader's answer, `cancelled` if it was cancelled while it
+    waited (`cancelled` is why), or with a timeout if its own deadline passed meanwhile.
+    A leader that ran out of its own time says nothing about its followers' requests:
+    they go back to dedup, where the first leads anew. A leader that failed otherwise
+    (cancelled included) does not fail them: each goes on alone (nginx's
+    proxy_cache_lock), so one bad call is not multiplied.
     """
+    if cancelled is not None:
+        follower.fail(ErrorCode.CANCELLED, "cancelled", f"{cancelled} (while merged)")
+        return "respond"
     if follower.expired():
         follower.fail(
             ErrorCode.TIMEOUT,
@@ -96,10 +100,10 @@ def attach(pipeline: Pipeline) -> None:
         await pipeline.send("respond", envelope)
         for follower in followers:
             pipeline.mark(follower, "merge_wait")
-            stage = release(follower, envelope)
+            stage = release(follower, envelope, pipeline.cancelled.reason(follower.request.id))
             metrics.stage_events.labels(STAGE, f"follower_to_{stage}").inc()
             await pipeline.send(stage, follower)
         # Only now: a crash before this point redelivers the event and answers them again.
         inflight.end(envelope.fingerprint, envelope.request.id)
 
-    pipeline.stage_agent(STAGE, postprocess, check_deadline=False)
+    pipeline.stage_agent(STAGE, postprocess, screen=False)

@@ -284,9 +284,10 @@ def attach(pipeline: Pipeline) -> None:
     async def forward(event: EventT[bytes], envelope: Envelope) -> None:
         try:
             pipeline.mark(envelope, STAGE)
-            if await pipeline.finish_if_expired(envelope, STAGE):
+            if await pipeline.screen(envelope, STAGE):
                 return
             metrics.stage_events.labels(STAGE, "accepted").inc()
+            await pipeline.report(envelope, STAGE)
             await pipeline.send("ratelimit", envelope)
         except Exception as exc:
             await reject_crash(event, exc)

@@ -94,5 +94,6 @@ def attach(pipeline: Pipeline) -> None:
         metrics.responses.labels(response.status.value, code).inc()
         metrics.request_latency.labels(response.status.value).observe(response.latency_ms / 1000.0)
         await pipeline.reply_topic(envelope.request.reply_topic).send(key=key, value=dump(response))
+        await pipeline.report(envelope, STAGE, response.status)
 
-    pipeline.stage_agent(STAGE, respond, check_deadline=False)
+    pipeline.stage_agent(STAGE, respond, screen=False)

@@ -69,4 +69,4 @@ def attach(pipeline: Pipeline) -> None:
         await layers.store(envelope, event.message.partition)
         metrics.stage_events.labels(STAGE, "stored").inc()
 
-    pipeline.stage_agent(STAGE, warm, check_deadline=False)
+    pipeline.stage_agent(STAGE, warm, screen=False)

@@ -23,7 +23,7 @@ from evaluation.router import evaluate as eval_router
 from inference.runtime import ModelLoadError
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
-from llmflow.client import LLMFlowClient, new_request
+from llmflow.client import LLMFlowClient, new_request, request_status
 from llmflow.demo import run_demo
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.export import write_json_schemas
@@ -171,6 +171,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(_submit(args))
 
 
+async def _cancel(args: argparse.Namespace) -> int:
+    async with LLMFlowClient(_settings(args)) as client:
+        await client.cancel(args.id, args.reason)
+    print(json.dumps({"cancelled": args.id}))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return asyncio.run(_cancel(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    found = asyncio.run(request_status(_settings(args), args.id))
+    if found is None:
+        print(f"llmflow status: no record of {args.id!r} (unknown, or dropped)", file=sys.stderr)
+        return 1
+    print(found.model_dump_json(indent=2))
+    return 0
+
+
 def cmd_warm(args: argparse.Namespace) -> int:
     from llmflow.warm import run
 
@@ -215,6 +235,17 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--bootstrap")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(func=cmd_submit)
+
+    cancel = sub.add_parser("cancel", help="stop a request in flight: it is answered cancelled")
+    cancel.add_argument("id")
+    cancel.add_argument("--reason", default="cancelled by the caller")
+    cancel.add_argument("--bootstrap")
+    cancel.set_defaults(func=cmd_cancel)
+
+    status = sub.add_parser("status", help="a request's stages, model, retries and outcome")
+    status.add_argument("id")
+    status.add_argument("--bootstrap")
+    status.set_defaults(func=cmd_status)
 
     warm = sub.add_parser("warm", help="fill the cache from the request and response topics")
     warm.add_argument("--requests", help="topic of the requests (default: the requests topic)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections import OrderedDict
 from types import TracebackType
@@ -17,7 +18,16 @@ from typing import Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
-from schemas.messages import ChatMessage, LLMRequest, LLMResponse, Role, dump
+from schemas.messages import (
+    CancelEvent,
+    ChatMessage,
+    LLMRequest,
+    LLMResponse,
+    RequestStatus,
+    Role,
+    dump,
+)
+from streams.locality import kafka_partition
 from topology.settings import Settings
 
 REMEMBERED_ANSWERS = 100_000
@@ -32,6 +42,37 @@ def new_request(prompt: str, tenant: str = "default", **fields: object) -> LLMRe
     }
     values.update(fields)
     return LLMRequest.model_validate(values)
+
+
+STATUS_TABLE = "request-status"
+
+
+async def request_status(settings: Settings, request_id: str) -> RequestStatus | None:
+    """The status record of `request_id`, read from its partition of the status Table's
+    compacted changelog (the last record of its key wins; a tombstone means dropped)."""
+    spec = settings.stage("status").topic
+    partition = TopicPartition(
+        f"{settings.app_id}-{STATUS_TABLE}-changelog",
+        kafka_partition(request_id.encode(), spec.partitions),
+    )
+    key = json.dumps(request_id).encode()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign([partition])
+        end = (await consumer.end_offsets([partition]))[partition]
+        await consumer.seek_to_beginning(partition)
+        found: bytes | None = None
+        while await consumer.position(partition) < end:
+            batches = await consumer.getmany(partition, timeout_ms=1000)
+            for message in batches.get(partition, []):
+                if message.key == key:
+                    found = message.value
+    finally:
+        await consumer.stop()
+    return RequestStatus.model_validate_json(found) if found else None
 
 
 class LLMFlowClient:
@@ -123,6 +164,14 @@ class LLMFlowClient:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._pending.pop(request.id, None)
+
+    async def cancel(self, request_id: str, reason: str = "cancelled by the caller") -> None:
+        """Stop `request_id` wherever it is: it is answered `cancelled`, unless its answer
+        was already on its way (then that one stands). Unknown ids are ignored."""
+        event = CancelEvent(request_id=request_id, reason=reason)
+        await self._producer.send_and_wait(
+            self.settings.topics.cancel.name, dump(event), key=request_id.encode()
+        )
 
     async def send_raw(self, raw: bytes, key: bytes | None = None) -> None:
         """Publish bytes to the requests topic as they are (bad-input tests use this too)."""

@@ -129,6 +129,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
+    CANCELLED = "cancelled"
 
 
 class ErrorInfo(BaseModel):
@@ -205,6 +206,44 @@ class FeedbackEvent(WireModel):
     at: float = Field(default_factory=time.time)
 
 
+class CancelEvent(WireModel):
+    """Stop a request wherever it is; it is answered `cancelled`. Keyed by request id."""
+
+    request_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field(default="cancelled by the caller", max_length=1024)
+    at: float = Field(default_factory=time.time)
+
+
+class StatusEvent(WireModel):
+    """A point a request reached, for its status record (`agents.status`)."""
+
+    request_id: str
+    stage: str
+    at: float = Field(default_factory=time.time)
+    model: str | None = None
+    retries: int = 0
+    status: Status | None = Field(default=None, description="set once the request is answered")
+    error: ErrorCode | None = None
+    stage_latency_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class RequestStatus(BaseModel):
+    """What is known of one request: the points it reached and, once answered, how it
+    ended. `llmflow status ID` shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    reached: dict[str, float] = Field(default_factory=dict, description="stage → unix time")
+    model: str | None = None
+    retries: int = 0
+    status: Status | None = None
+    error: ErrorCode | None = None
+    stage_latency_ms: dict[str, float] = Field(default_factory=dict)
+    updated_at: float = 0.0
+    finished_at: float | None = None
+
+
 class Result(BaseModel):
     """What a model call produced for the leader of a fingerprint."""
 
@@ -251,6 +290,7 @@ class Envelope(WireModel):
     prompt_tokens: int = 0
     model: str | None = None
     route_reason: str | None = None
+    retries: int = Field(default=0, description="model calls infer repeated for this request")
     prior_cost_usd: float = Field(
         default=0.0, description="what answers a cascade set aside for a stronger model's cost"
     )
@@ -316,5 +356,7 @@ def wire_models() -> dict[str, type[BaseModel]]:
         "stream_chunk": StreamChunk,
         "dead_letter": DeadLetter,
         "feedback": FeedbackEvent,
+        "cancel": CancelEvent,
+        "status": StatusEvent,
         "envelope": Envelope,
     }

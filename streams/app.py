@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -14,9 +15,10 @@ import faust
 from faust.types import EventT, StreamT, TableT, TopicT
 from pydantic import ValidationError
 
-from schemas.messages import DeadLetter, Envelope, ErrorCode, dump
+from schemas.messages import DeadLetter, Envelope, ErrorCode, Status, StatusEvent, dump
 from streams import metrics
 from streams.cache_store import CacheStore, open_cache_store
+from streams.cancel import CancelledSet, watch_cancels
 from streams.drivers import kafka_transport
 from streams.locality import SemanticBucketer, bucketer_for
 from topology.settings import KeyBy, Settings, StageSpec, TopicSpec
@@ -89,6 +91,11 @@ class Pipeline:
         self.cache_store: CacheStore = open_cache_store(
             settings.redis_url, settings.cache.max_entries_per_partition
         )
+        self.cancelled = CancelledSet(settings.cancel.remember_s, settings.cancel.max_remembered)
+        self.app.task(self._watch_cancels)
+
+    async def _watch_cancels(self) -> None:
+        await watch_cancels(self.settings, self.cancelled, time.time)
 
     def _topic(self, spec: TopicSpec) -> TopicT:
         return self.app.topic(
@@ -140,17 +147,18 @@ class Pipeline:
             self.mark(envelope, stage)
             yield event, envelope
 
-    def stage_agent(self, stage: str, handle: StageHandler, check_deadline: bool = True) -> None:
+    def stage_agent(self, stage: str, handle: StageHandler, screen: bool = True) -> None:
         """Run `handle` on every envelope of `stage`'s topic as a faust agent.
 
-        A request whose deadline has passed is answered `timeout` before `handle` sees it.
-        If `handle` raises, the request is answered `internal` and dead-lettered, and the
-        agent goes on with the next one: one bad request never stalls a stage.
+        With `screen`, a request whose deadline has passed or that was cancelled is answered
+        before `handle` sees it (stages that end requests answer every one). If `handle`
+        raises, the request is answered `internal` and dead-lettered, and the agent goes on
+        with the next one: one bad request never stalls a stage.
         """
 
         async def agent(stream: StreamT[bytes]) -> None:
             async for event, envelope in self.envelopes(stream, stage):
-                if check_deadline and await self.finish_if_expired(envelope, stage):
+                if screen and await self.screen(envelope, stage):
                     continue
                 try:
                     await handle(event, envelope)
@@ -201,6 +209,37 @@ class Pipeline:
         passed_dedup = "dedup" in envelope.stage_latency_ms
         await self.send("postprocess" if passed_dedup else "respond", envelope)
 
+    async def screen(self, envelope: Envelope, stage: str) -> bool:
+        """Answer a request that is past its deadline or cancelled; True if it was answered."""
+        return await self.finish_if_cancelled(envelope, stage) or await self.finish_if_expired(
+            envelope, stage
+        )
+
+    async def finish_if_cancelled(self, envelope: Envelope, stage: str) -> bool:
+        """Answer `cancelled` when the request's id was cancelled; True if it was answered."""
+        reason = self.cancelled.reason(envelope.request.id)
+        if reason is None:
+            return False
+        metrics.stage_events.labels(stage, "cancelled").inc()
+        await self.fail(
+            envelope, ErrorCode.CANCELLED, "cancelled", f"{reason} (before the {stage} stage)"
+        )
+        return True
+
+    async def report(self, envelope: Envelope, stage: str, status: Status | None = None) -> None:
+        """Tell the request's status record that it reached `stage` (`agents.status`)."""
+        result = envelope.result
+        event = StatusEvent(
+            request_id=envelope.request.id,
+            stage=stage,
+            model=(result.model if result else None) or envelope.model,
+            retries=envelope.retries,
+            status=status,
+            error=result.error.code if result and result.error else None,
+            stage_latency_ms=envelope.stage_latency_ms if status else {},
+        )
+        await self.stage_topics["status"].send(key=event.request_id.encode(), value=dump(event))
+
     async def finish_if_expired(self, envelope: Envelope, stage: str) -> bool:
         """Answer `timeout` when the request's deadline has passed; True if it was answered."""
         if not envelope.expired():
@@ -240,9 +279,21 @@ class Pipeline:
             ratelimit,
             respond,
             route,
+            status,
             warm,
         )
 
-        stages = (preprocess, ratelimit, dedup, cache, route, batch, postprocess, respond, warm)
+        stages = (
+            preprocess,
+            ratelimit,
+            dedup,
+            cache,
+            route,
+            batch,
+            postprocess,
+            respond,
+            warm,
+            status,
+        )
         for module in stages:
             module.attach(self)

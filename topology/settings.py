@@ -47,6 +47,7 @@ class Topics(Section):
     stream: TopicSpec = TopicSpec(name="llm.responses.stream")
     dlq: TopicSpec = TopicSpec(name="llm.dlq", retention_ms=30 * 24 * 3600 * 1000)
     feedback: TopicSpec = TopicSpec(name="llm.feedback")
+    cancel: TopicSpec = TopicSpec(name="llm.cancel", retention_ms=24 * 3600 * 1000)
 
 
 KeyBy = Literal["tenant", "fingerprint", "locality", "model", "request_id"]
@@ -74,7 +75,8 @@ def default_stages() -> list[StageSpec]:
 
     `locality` is the LSH bucket of the embedding when the request has one (near-duplicates
     meet on one partition), else the fingerprint (identical requests do). `warm` is not on
-    the path: `llmflow warm` fills the cache through it from earlier traffic.
+    the path: `llmflow warm` fills the cache through it from earlier traffic. Nor is
+    `status`: requests report there the points they reach (`agents.status`).
     """
     return [
         _stage("ratelimit", "tenant"),
@@ -85,6 +87,7 @@ def default_stages() -> list[StageSpec]:
         _stage("postprocess", "locality"),
         _stage("respond", "request_id"),
         _stage("warm", "locality"),
+        StageSpec(name="status", topic=TopicSpec(name="llm.status"), key_by="request_id"),
     ]
 
 
@@ -95,6 +98,7 @@ def default_tables() -> dict[str, str]:
         "dedup-inflight": "dedup",
         "cache-exact": "cache",
         "cache-semantic": "cache",
+        "request-status": "status",
     }
 
 
@@ -498,6 +502,22 @@ class EngineSettings(Section):
     max_batch: int = Field(default=16, ge=1, description="rows decoded together per step")
 
 
+class CancelSettings(Section):
+    """How long each worker remembers a cancelled request id: longer than a request lives
+    (the longest infer timeout is 300 s), bounded in count too."""
+
+    remember_s: float = Field(default=900.0, gt=0)
+    max_remembered: int = Field(default=100_000, ge=1)
+
+
+class StatusSettings(Section):
+    """How long the status record of a request is kept, per partition of `llm.status`."""
+
+    keep_finished_s: float = Field(default=600.0, gt=0, description="after its answer")
+    max_age_s: float = Field(default=3600.0, gt=0, description="an unfinished one, since seen")
+    max_entries: int = Field(default=100_000, ge=1, description="per partition; oldest go")
+
+
 class Settings(Section):
     app_id: str = "llmflow"
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -527,6 +547,8 @@ class Settings(Section):
     embedding: EmbeddingSettings = EmbeddingSettings()
     locality: LocalitySettings = LocalitySettings()
     engine: EngineSettings = EngineSettings()
+    cancel: CancelSettings = CancelSettings()
+    status: StatusSettings = StatusSettings()
 
     @model_validator(mode="after")
     def _check_graph(self) -> Settings:
@@ -578,6 +600,7 @@ class Settings(Section):
             self.topics.stream,
             self.topics.dlq,
             self.topics.feedback,
+            self.topics.cancel,
         ]
         return wire + [s.topic for s in self.stages] + self.changelog_topics()
 

@@ -13,6 +13,7 @@ import pytest
 from agents.breaker import BreakerState
 from agents.infer import Delta, InferenceRunner, UpstreamError, backoff_delay
 from schemas.messages import (
+    CancelEvent,
     Envelope,
     ErrorCode,
     LLMRequest,
@@ -22,6 +23,7 @@ from schemas.messages import (
     StreamChunk,
     Usage,
 )
+from streams.cancel import CancelledSet
 from topology.settings import ClassTimeout, InferSettings, ModelSpec, Settings
 
 Behaviour = Callable[[int, Envelope], Result]
@@ -483,3 +485,27 @@ async def test_a_stream_cut_midway_does_not_fall_back() -> None:
     )
     assert env.status is Status.ERROR
     assert backend.calls == [("sim-small", "r1")]
+
+
+async def test_a_cancel_stops_the_call_in_flight_and_answers_cancelled() -> None:
+    cancelled = CancelledSet(remember_s=60.0, max_entries=10)
+    backend = FakeBackend(answer, delay_s=30.0)
+    runner = InferenceRunner(settings(), backend, cancelled=cancelled)
+    running = asyncio.ensure_future(runner.run([envelope("slow")]))
+    await asyncio.sleep(0.05)
+    assert backend.calls == [("sim-small", "slow")]
+    cancelled.add(CancelEvent(request_id="slow", reason="user left"), time.time())
+    (slow,) = await asyncio.wait_for(running, 1.0)
+    assert slow.result is not None and slow.result.error is not None
+    assert slow.result.error.code is ErrorCode.CANCELLED
+    assert "user left" in slow.result.error.message
+
+
+async def test_a_request_cancelled_before_its_batch_runs_is_not_called() -> None:
+    cancelled = CancelledSet(remember_s=60.0, max_entries=10)
+    cancelled.add(CancelEvent(request_id="gone"), time.time())
+    backend = FakeBackend(answer)
+    (env,) = await InferenceRunner(settings(), backend, cancelled=cancelled).run([envelope("gone")])
+    assert backend.calls == []
+    assert env.result is not None and env.result.error is not None
+    assert env.result.error.code is ErrorCode.CANCELLED

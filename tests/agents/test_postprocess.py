@@ -112,3 +112,13 @@ def test_vote_takes_the_majority_and_says_how_many_agree() -> None:
 
 def test_vote_weighs_answers() -> None:
     assert vote(["a", "b", "b"], [0.9, 0.3, 0.3]) == ("a", pytest.approx(0.6))
+
+
+def test_a_follower_cancelled_while_merged_is_answered_cancelled() -> None:
+    follower = envelope("f")
+    leader = envelope("lead", Status.OK, result("Paris."))
+    assert release(follower, leader, "user left") == "respond"
+    assert follower.status is Status.ERROR and follower.result is not None
+    assert follower.result.error is not None
+    assert follower.result.error.code is ErrorCode.CANCELLED
+    assert follower.merged_with is None

@@ -22,11 +22,20 @@ def test_schema_writes_every_wire_schema(
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(
         f"{s}.schema.json"
-        for s in ("request", "response", "stream_chunk", "dead_letter", "feedback", "envelope")
+        for s in (
+            "request",
+            "response",
+            "stream_chunk",
+            "dead_letter",
+            "feedback",
+            "cancel",
+            "status",
+            "envelope",
+        )
     )
     request = json.loads((tmp_path / "request.schema.json").read_text())
     assert "messages" in request["required"]
-    assert capsys.readouterr().out.count(str(tmp_path)) == 6
+    assert capsys.readouterr().out.count(str(tmp_path)) == 8
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ def test_writes_one_schema_per_wire_model(tmp_path: Path) -> None:
     expected = {f"{stem}.schema.json" for stem in wire_models()}
     assert {p.name for p in written} == expected
     assert {p.name for p in out.iterdir()} == expected
-    assert len(expected) == 6
+    assert len(expected) == 8
     for path in written:
         schema = json.loads(path.read_text())
         assert isinstance(schema["properties"], dict)

@@ -126,15 +126,17 @@ def test_unknown_stage_is_a_key_error() -> None:
 
 def test_all_topics_lists_wire_and_stage_topics() -> None:
     names = [t.name for t in Settings().all_topics()]
-    assert names[:5] == [
+    assert names[:6] == [
         "llm.requests",
         "llm.responses",
         "llm.responses.stream",
         "llm.dlq",
         "llm.feedback",
+        "llm.cancel",
     ]
     assert "llm.stage.postprocess" in names
-    assert len(names) == len(set(names)) == 17
+    assert "llm.status" in names
+    assert len(names) == len(set(names)) == 20
 
 
 def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() -> None:
@@ -145,6 +147,7 @@ def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() ->
         "llmflow-dedup-inflight-changelog",
         "llmflow-cache-exact-changelog",
         "llmflow-cache-semantic-changelog",
+        "llmflow-request-status-changelog",
     }
     assert all(t.compacted for t in changelogs.values())
     cache = changelogs["llmflow-cache-exact-changelog"]
