@@ -62,8 +62,8 @@ async def request_status(settings: Settings, request_id: str) -> RequestStatus |
     await consumer.start()
     try:
         consumer.assign([partition])
-        end = (await consumer.end_offsets([partition]))[partition]
         await consumer.seek_to_beginning(partition)
+        end = (await consumer.end_offsets([partition]))[partition]
         found: bytes | None = None
         while await consumer.position(partition) < end:
             batches = await consumer.getmany(partition, timeout_ms=1000)
