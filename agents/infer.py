@@ -5,8 +5,9 @@ would buy nothing. Backends (OpenAI-compatible HTTP, local ONNX decoders) live i
 `streams.drivers`; this module decides how long to wait, when to retry, when to stop
 calling a deployment (`agents.breaker`), which model stands in (`agents.failover`), and
 what failed. A request's answer comes from, in order: the routed model, the models of its
-fallback chain, then, marked degraded, a cached answer or a cheaper model's. A cancelled
-request's call is stopped where it is, which frees its slot and its connection.
+fallback chain, then, marked degraded, a cached answer or a cheaper model's. A request
+routed as an ensemble gets several sampled answers, each by that path, combined by vote.
+A cancelled request's call is stopped where it is, which frees its slot and its connection.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agents.breaker import Breakers, BreakerState, Outcome
+from agents.ensemble import ENSEMBLE, combine, sample
 from agents.failover import Budget, cheaper_substitute, fallback_chain, time_budget
 from schemas.messages import Envelope, ErrorCode, Result, Status, StreamChunk
 from streams import metrics
@@ -222,7 +224,26 @@ class InferenceRunner:
         """Waiting for a slot counts against the request's time budget too."""
         time_left = TimeLeft(budget, asyncio.get_running_loop().time() + budget.total_s)
         async with self.slots:
+            if envelope.route_reason == ENSEMBLE:
+                return await self._ensemble(spec, envelope, time_left)
             return await self._failover(spec, envelope, stream, time_left)
+
+    async def _ensemble(self, spec: ModelSpec, envelope: Envelope, time_left: TimeLeft) -> Result:
+        """`route.ensemble_samples` sampled answers at once, so a local decoder batches
+        them; the samples that failed are left out of the vote, and all failing fails it."""
+        route = self.settings.route
+        samples = [
+            sample(envelope, index, route.ensemble_temperature)
+            for index in range(route.ensemble_samples)
+        ]
+        answers = await asyncio.gather(
+            *(self._failover(spec, s, None, time_left) for s in samples), return_exceptions=True
+        )
+        envelope.retries += sum(s.retries for s in samples)
+        results = [a for a in answers if isinstance(a, Result)]
+        if not results:
+            raise next(a for a in answers if isinstance(a, BaseException))
+        return combine(results)
 
     async def _failover(
         self,

@@ -1,17 +1,13 @@
-"""Ensemble/postprocess: escalate unsure cascade answers, format the answer, write the
-cache, release followers.
+"""Ensemble/postprocess: escalate unsure cascade and ensemble answers, format the answer,
+write the cache, release followers.
 
 Every request that passed dedup ends here, answered, cached or failed, so no follower is
-left waiting. A cascade's answer whose confidence is low goes back to batch for the next
-model up (the router decides); only the answer that stands is cached and shared. `vote`
-is the ensemble's weighted vote; the router evaluation runs it (self-consistency), the
-pipeline does not sample several answers yet.
+left waiting. A cascade's answer whose confidence is low, or an ensemble's whose samples
+agree too little (infer voted on them, `agents.ensemble`), goes back to batch for the next
+model up (the router decides); only the answer that stands is cached and shared.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
-from collections.abc import Sequence
 
 from faust.types import EventT
 
@@ -23,16 +19,6 @@ from streams import metrics
 from streams.app import Pipeline
 
 STAGE = "postprocess"
-
-
-def vote(answers: Sequence[str], weights: Sequence[float] | None = None) -> tuple[str, float]:
-    """The answer with the most weight (first seen wins a tie) and its share of the weight:
-    with equal weights, self-consistency's majority and its agreement."""
-    totals: dict[str, float] = defaultdict(float)
-    for answer, weight in zip(answers, weights or [1.0] * len(answers), strict=True):
-        totals[answer.strip()] += weight
-    best = max(totals, key=lambda answer: totals[answer])
-    return best, totals[best] / sum(totals.values())
 
 
 def finish(envelope: Envelope) -> None:

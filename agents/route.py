@@ -4,13 +4,14 @@ A caller's model hint wins. Otherwise the complexity classifier predicts, for ea
 knows (the zoo), the chance that it answers the prompt right: a prompt none of them is likely
 to answer is chat and goes by the rules (short to the cheap model, long to the strong one);
 a task goes to the cheapest model predicted to meet the quality threshold (`quality`), or to
-the cheapest first with postprocess escalating unsure answers (`cascade`). A model whose
-context window cannot hold the prompt plus the answer is never chosen, and a tenant past
-its budget gets the cheapest model that fits. Replicas of the chosen model are balanced by
-power of two choices on peak-EWMA latency, skipping unhealthy ones.
+the cheapest first with postprocess escalating unsure answers (`cascade`), or to the
+cheapest sampled several times with postprocess escalating a split vote (`ensemble`). A
+model whose context window cannot hold the prompt plus the answer is never chosen, and a
+tenant past its budget gets the cheapest model that fits. Replicas of the chosen model are
+balanced by power of two choices on peak-EWMA latency, skipping unhealthy ones.
 
-The live statistics and spend are this worker's: route and postprocess share the locality
-key, so the requests a worker routes are the ones whose answers it sees.
+The live statistics and spend are this worker's: route and postprocess share the
+locality key, so the requests a worker routes are the ones whose answers it sees.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from faust.types import EventT
 
+from agents.ensemble import ENSEMBLE
 from inference.complexity import ComplexityClassifier
 from schemas.messages import Envelope, ErrorCode, Status
 from streams import metrics
@@ -33,6 +35,7 @@ from topology.settings import ModelSpec, RouteSettings, Settings
 STAGE = "route"
 CASCADE = "cascade"
 ESCALATED = "cascade_escalated"
+ESCALATING = (CASCADE, ENSEMBLE)
 
 
 @dataclass(frozen=True)
@@ -194,8 +197,9 @@ class Router:
         cheapest = next(iter(predicted))
         if thrifty:
             return Choice(cheapest, "budget")
-        if self.settings.route.policy == "cascade":
-            return Choice(cheapest, CASCADE)
+        policy = self.settings.route.policy
+        if policy in ESCALATING:
+            return Choice(cheapest, policy)
         threshold = self.settings.route.quality_threshold
         meeting = [name for name, p in predicted.items() if p >= threshold]
         if meeting:
@@ -217,21 +221,26 @@ class Router:
         return min(pricier, key=price_per_1k).name if pricier else None
 
     def escalation(self, envelope: Envelope) -> str | None:
-        """Where a cascade's answer goes next: up a model when it is ok but unsure."""
+        """Where a cascade's or an ensemble's answer goes next: up a model when it is ok but
+        unsure (its least likely token, or its vote's agreement, below the policy's bar)."""
+        route = self.settings.route
+        bar = {CASCADE: route.cascade_confidence, ENSEMBLE: route.ensemble_agreement}.get(
+            envelope.route_reason or ""
+        )
         result = envelope.result
         if (
-            envelope.route_reason != CASCADE
+            bar is None
             or envelope.status is not Status.OK
             or result is None
             or result.confidence is None
-            or result.confidence >= self.settings.route.cascade_confidence
+            or result.confidence >= bar
         ):
             return None
         return self.stronger(envelope)
 
     def escalate(self, envelope: Envelope) -> bool:
-        """Set an unsure cascade answer aside, its cost kept, and send the request to a
-        replica of the next model up; False when the answer stands."""
+        """Set an unsure answer aside, its cost kept, and send the request to a replica of
+        the next model up; False when the answer stands."""
         target = self.escalation(envelope)
         if target is None:
             return False

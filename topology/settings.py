@@ -419,7 +419,7 @@ class InferSettings(Section):
     )
 
 
-RoutePolicy = Literal["rules", "quality", "cascade"]
+RoutePolicy = Literal["rules", "quality", "cascade", "ensemble"]
 
 
 class RouteSettings(Section):
@@ -430,8 +430,11 @@ class RouteSettings(Section):
     rules: short prompts to `small_model`, long ones to `large_model`. Otherwise `quality`
     takes the cheapest model predicted right with at least `quality_threshold` (RouteLLM's
     cost/quality knob), and `cascade` starts with the cheapest and lets postprocess escalate
-    an answer whose least likely token is below `cascade_confidence` (FrugalGPT). The
-    defaults come from `llmflow eval-router` on the held-aside task mix.
+    an answer whose least likely token is below `cascade_confidence` (FrugalGPT).
+    `ensemble` also starts with the cheapest, which answers `ensemble_samples` times; the
+    answers' weighted vote stands unless its agreement is below `ensemble_agreement`, when
+    postprocess escalates as in the cascade (self-consistency). These defaults come from
+    `llmflow eval-router` on the held-aside task mix.
     """
 
     policy: RoutePolicy = "quality"

@@ -2,12 +2,14 @@
 
 Every policy answers every task item through the stages' own code, in-process: the route
 stage's `Router` (classifier, thresholds, cascade escalation), the infer stage's
-`InferenceRunner` over the local ONNX decoder backend, and postprocess's `finish` and
-`vote`. An answer is right when `models.tasks.check` says so; cost is what the results bill
-(escalations and ensemble samples included). Policies: always-small, always-large, random
-(a fair coin between the two), the quality router at several thresholds, the cascade at
-several confidences, and self-consistency (samples of the small model, majority vote, the
-large model when they disagree).
+`InferenceRunner` over the local ONNX decoder backend (which samples and votes for an
+ensemble), and postprocess's escalation and `finish`. An answer is right when
+`models.tasks.check` says so; cost is what the results bill (escalations and ensemble
+samples included). Policies: always-small, always-large, random (a fair coin between the
+two), the quality router at several thresholds, the cascade at several confidences,
+self-consistency (the ensemble policy with no escalation: the weighted vote stands) and
+ensemble+escalate (the stronger model answers when the vote is below
+`route.ensemble_agreement`).
 
 The held-aside mix is the zoo's task generator at seed 2 on the held-out split: the
 classifier trained on train-split items at seed 0 (and was scored on held-out items at
@@ -31,7 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from agents.infer import InferenceRunner
-from agents.postprocess import finish, vote
+from agents.postprocess import finish
 from agents.preprocess import count_tokens
 from agents.route import Router
 from inference.complexity import ComplexityClassifier
@@ -156,44 +158,6 @@ class RouterEvaluation:
         cost = result.cost_usd if result is not None else 0.0
         return Outcome(output is not None and check(item, output), cost, models)
 
-    async def answer_with(self, model: str, envelopes: list[Envelope]) -> None:
-        """Run requests on one model, as route sends a request that names it."""
-        for envelope in envelopes:
-            envelope.model = model
-        await self.runner.run(envelopes)
-
-    async def self_consistency(self) -> list[Outcome]:
-        """`ensemble_samples` sampled answers of the small model each; their majority stands
-        when at least `ensemble_agreement` of them agree, else the large model answers."""
-        route = self.settings.route
-        samples = [
-            envelope_of(item, i, self.small, route.ensemble_temperature, seed)
-            for i, item in enumerate(self.items)
-            for seed in range(route.ensemble_samples)
-        ]
-        await self.answer_with(self.small, samples)
-        outcomes: list[Outcome] = []
-        escalate: list[int] = []
-        for i, item in enumerate(self.items):
-            mine = samples[i * route.ensemble_samples : (i + 1) * route.ensemble_samples]
-            for envelope in mine:
-                finish(envelope)
-            answer, agreement = vote([e.result.output or "" if e.result else "" for e in mine])
-            cost = sum(e.result.cost_usd for e in mine if e.result)
-            outcomes.append(Outcome(check(item, answer), cost, [self.small] * len(mine)))
-            if agreement < route.ensemble_agreement:
-                escalate.append(i)
-        strong = [envelope_of(self.items[i], i, self.large) for i in escalate]
-        await self.answer_with(self.large, strong)
-        for i, envelope in zip(escalate, strong, strict=True):
-            stronger = self._outcome(self.items[i], envelope, [self.large])
-            outcomes[i] = Outcome(
-                stronger.right,
-                outcomes[i].cost_usd + stronger.cost_usd,
-                outcomes[i].models + stronger.models,
-            )
-        return outcomes
-
     async def policies(self) -> list[dict[str, Any]]:
         coin = random.Random(RANDOM_SEED)
         unhinted: list[str | None] = [None] * len(self.items)
@@ -221,7 +185,11 @@ class RouterEvaluation:
                 )
                 for c in CASCADE_CONFIDENCES
             ),
-            ("self-consistency", self.self_consistency),
+            (
+                "self-consistency",
+                partial(self.routed, self.router("ensemble", ensemble_agreement=0.0), unhinted),
+            ),
+            ("ensemble+escalate", partial(self.routed, self.router("ensemble"), unhinted)),
         ]
         rows = [
             summary(name, self.items, await run())

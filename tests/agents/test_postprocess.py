@@ -1,10 +1,8 @@
-"""postprocess.finish, release and the ensemble's vote."""
+"""postprocess.finish and release."""
 
 from __future__ import annotations
 
-import pytest
-
-from agents.postprocess import finish, release, vote
+from agents.postprocess import finish, release
 from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
 
 
@@ -103,15 +101,6 @@ def test_a_follower_past_its_own_deadline_times_out() -> None:
     assert release(follower, envelope("lead", Status.OK, result("Paris."))) == "respond"
     assert follower.status is Status.ERROR and follower.result is not None
     assert follower.result.error is not None and follower.result.error.code is ErrorCode.TIMEOUT
-
-
-def test_vote_takes_the_majority_and_says_how_many_agree() -> None:
-    assert vote(["138790", " 138790\n", "139790"]) == ("138790", pytest.approx(2 / 3))
-    assert vote(["a", "b"]) == ("a", 0.5), "a tie goes to the first answer"
-
-
-def test_vote_weighs_answers() -> None:
-    assert vote(["a", "b", "b"], [0.9, 0.3, 0.3]) == ("a", pytest.approx(0.6))
 
 
 def test_a_follower_cancelled_while_merged_is_answered_cancelled() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from agents.ensemble import ENSEMBLE
 from agents.postprocess import finish
 from agents.route import CASCADE, ESCALATED, Router
 from inference.complexity import ComplexityClassifier
@@ -231,3 +232,18 @@ def test_a_hint_is_balanced_across_its_replicas() -> None:
     router = replicated(2)
     picks = {router.assign(envelope(10, model="sim-small")).model for _ in range(4)}
     assert picks == {"sim-small", "sim-small-1"}
+
+
+def test_an_ensemble_starts_small_and_escalates_a_split_vote(
+    classifier: ComplexityClassifier,
+) -> None:
+    router = with_route(classifier, policy="ensemble", ensemble_agreement=0.7)
+    env = task(HARD_SUM)
+    choice = router.assign(env)
+    assert (choice.model, choice.reason) == ("zoo-small", ENSEMBLE)
+    env.model, env.route_reason = choice.model, choice.reason
+    env.status, env.result = Status.OK, Result(output="139790", cost_usd=0.003, confidence=0.7)
+    assert not router.escalate(env), "agreement at the bar stands"
+    env.result = Result(output="138790", cost_usd=0.003, confidence=0.6)
+    assert router.escalate(env)
+    assert (env.model, env.route_reason, env.prior_cost_usd) == ("zoo-large", ESCALATED, 0.003)
