@@ -607,6 +607,24 @@ class Settings(Section):
         ]
         return wire + [s.topic for s in self.stages] + self.changelog_topics()
 
+    def namespaced(self, prefix: str) -> Settings:
+        """A copy whose app id and every topic name start with `prefix`, so a second
+        pipeline on the same brokers consumes none of this one's topics."""
+
+        def rename(topic: TopicSpec) -> TopicSpec:
+            return topic.model_copy(update={"name": f"{prefix}{topic.name}"})
+
+        topics = {
+            name: rename(getattr(self.topics, name)) for name in type(self.topics).model_fields
+        }
+        return self.model_copy(
+            update={
+                "app_id": f"{prefix}{self.app_id}",
+                "topics": self.topics.model_copy(update=topics),
+                "stages": [s.model_copy(update={"topic": rename(s.topic)}) for s in self.stages],
+            }
+        )
+
     def changelog_topics(self) -> list[TopicSpec]:
         """faust's changelog topic of each Table, made up front so workers never race to."""
         return [

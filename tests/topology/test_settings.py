@@ -154,6 +154,19 @@ def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() ->
     assert cache.partitions == settings.stage("cache").topic.partitions
 
 
+def test_namespaced_settings_share_no_topic_or_group() -> None:
+    settings = Settings()
+    other = settings.namespaced("probe-")
+    assert other.app_id == "probe-llmflow"
+    assert other.topics.requests.name == "probe-llm.requests"
+    assert other.stage("ratelimit").topic.name == "probe-llm.stage.ratelimit"
+    names = {t.name for t in settings.all_topics()}
+    other_names = {t.name for t in other.all_topics()}
+    assert len(other_names) == len(names) and not names & other_names
+    assert all(name.startswith("probe-") for name in other_names)
+    assert settings.topics.requests.name == "llm.requests"  # the original is untouched
+
+
 def test_a_table_on_an_unknown_stage_is_refused() -> None:
     with pytest.raises(ValueError, match="not in the graph"):
         Settings(tables={"t": "nowhere"})
