@@ -5,12 +5,13 @@ knows (the zoo), the chance that it answers the prompt right: a prompt none of t
 to answer is chat and goes by the rules (short to the cheap model, long to the strong one);
 a task goes to the cheapest model predicted to meet the quality threshold (`quality`), or to
 the cheapest first with postprocess escalating unsure answers (`cascade`), or to the
-cheapest sampled several times with postprocess escalating a split vote (`ensemble`). A
+cheapest sampled several times with postprocess escalating a split vote (`ensemble`). The
+predictions are scaled by how often each model's answers to similar requests stood. A
 model whose context window cannot hold the prompt plus the answer is never chosen, and a
 tenant past its budget gets the cheapest model that fits. Replicas of the chosen model are
 balanced by power of two choices on peak-EWMA latency, skipping unhealthy ones.
 
-The live statistics and spend are this worker's: route and postprocess share the
+The live statistics, history and spend are this worker's: route and postprocess share the
 locality key, so the requests a worker routes are the ones whose answers it sees.
 """
 
@@ -19,14 +20,14 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from faust.types import EventT
 
 from agents.ensemble import ENSEMBLE
-from inference.complexity import ComplexityClassifier
+from inference.complexity import ComplexityClassifier, task_type
 from schemas.messages import Envelope, ErrorCode, Status
 from streams import metrics
 from streams.app import Pipeline
@@ -123,6 +124,37 @@ class TenantBudgets:
         return budget is not None and window == self._window(now) and spent >= budget
 
 
+class History:
+    """Whether each model's recent answers to similar requests stood (neither escalated nor
+    failed), kept per key that similar requests share: the LSH bucket of the prompt's
+    embedding when preprocess set one, else the prompt's task type."""
+
+    def __init__(self, settings: RouteSettings) -> None:
+        self.settings = settings
+        self.outcomes: OrderedDict[str, dict[str, deque[bool]]] = OrderedDict()
+
+    @staticmethod
+    def key(envelope: Envelope) -> str:
+        if envelope.semantic_bucket is not None:
+            return f"bucket:{envelope.semantic_bucket}"
+        return f"task:{task_type(envelope.request.last_user_turn() or '')}"
+
+    def record(self, key: str, model: str, stood: bool) -> None:
+        models = self.outcomes.setdefault(key, {})
+        self.outcomes.move_to_end(key)
+        if len(self.outcomes) > self.settings.history_max_keys:
+            self.outcomes.popitem(last=False)
+        models.setdefault(model, deque(maxlen=self.settings.history_window)).append(stood)
+
+    def trust(self, key: str, model: str) -> float:
+        """What to scale the model's predicted chance by: the share of its answers that
+        stood, bounded below by `history_floor`; 1 until there are enough of them."""
+        seen = self.outcomes.get(key, {}).get(model)
+        if seen is None or len(seen) < self.settings.history_min_observations:
+            return 1.0
+        return max(self.settings.history_floor, sum(seen) / len(seen))
+
+
 def price_per_1k(spec: ModelSpec) -> float:
     return spec.input_per_1k + spec.output_per_1k
 
@@ -140,6 +172,7 @@ class Router:
         self.classifier = classifier
         self.balancer = Balancer(settings, random.Random(seed))
         self.budgets = TenantBudgets(settings.route)
+        self.history = History(settings.route)
 
     @classmethod
     def from_settings(cls, settings: Settings, seed: int | None = None) -> Router:
@@ -160,7 +193,8 @@ class Router:
 
     def predict(self, envelope: Envelope) -> dict[str, float]:
         """Each classifier model that fits the request, cheapest first, with its predicted
-        chance of answering right; empty without a classifier or a user turn."""
+        chance of answering right as the history of similar requests trusts it; empty
+        without a classifier or a user turn."""
         prompt = envelope.request.last_user_turn()
         if self.classifier is None or self.settings.route.policy == "rules" or prompt is None:
             return {}
@@ -171,7 +205,10 @@ class Router:
         if not fitting:
             return {}
         p_correct = self.classifier.predict([prompt])
-        return {s.name: float(p_correct[s.name][0]) for s in fitting}
+        key = self.history.key(envelope)
+        return {
+            s.name: float(p_correct[s.name][0]) * self.history.trust(key, s.name) for s in fitting
+        }
 
     def choose(self, envelope: Envelope, now: float | None = None) -> Choice:
         """The model (not yet the replica) for this request, and why."""
@@ -240,14 +277,24 @@ class Router:
 
     def escalate(self, envelope: Envelope) -> bool:
         """Set an unsure answer aside, its cost kept, and send the request to a replica of
-        the next model up; False when the answer stands."""
+        the next model up; False when the answer stands. Either way the history learns
+        whether the model's answer stood."""
         target = self.escalation(envelope)
+        self._remember(envelope, stood=target is None and envelope.status is Status.OK)
         if target is None:
             return False
         envelope.prior_cost_usd += envelope.result.cost_usd if envelope.result else 0.0
         envelope.result, envelope.status = None, None
         envelope.model, envelope.route_reason = self._start(target), ESCALATED
         return True
+
+    def _remember(self, envelope: Envelope, stood: bool) -> None:
+        """Only answers a model gave count; a cancelled request says nothing of the model."""
+        error = envelope.result.error if envelope.result else None
+        cancelled = error is not None and error.code is ErrorCode.CANCELLED
+        if envelope.model is None or "infer" not in envelope.stage_latency_ms or cancelled:
+            return
+        self.history.record(self.history.key(envelope), self.logical(envelope.model), stood)
 
     def _start(self, model: str) -> str:
         deployment = self.balancer.pick(self.logical(model))

@@ -23,11 +23,19 @@ Array = np.ndarray[Any, Any]
 
 # Case-sensitive, as the zoo writes them, so a chat "Add a button ..." is not a task.
 TASK_PREFIXES = ("add ", "reverse ", "sort ")
+
+
 OPERATORS = frozenset("+-*/=<>^%&|")
 CODE_MARKERS = ("`", "def ", "class ", "import ", "return ", "{", ";", "()")
 REASONING_MARKERS = ("step by step", "prove", "why", "explain", "derive", "reason")
 DIGIT_RUN = re.compile(r"\d+")
 LETTER_RUN = re.compile(r"[^\W\d_]+")
+
+
+def task_type(prompt: str) -> str:
+    """The zoo task a prompt asks for, or `chat`."""
+    return next((p.strip() for p in TASK_PREFIXES if prompt.startswith(p)), "chat")
+
 
 # Counts that grow with the prompt are log1p-scaled so a very long chat prompt stays in range.
 FEATURE_NAMES = (

@@ -435,6 +435,12 @@ class RouteSettings(Section):
     answers' weighted vote stands unless its agreement is below `ensemble_agreement`, when
     postprocess escalates as in the cascade (self-consistency). These defaults come from
     `llmflow eval-router` on the held-aside task mix.
+
+    The history of similar requests (same LSH bucket, else same task type) scales each
+    model's predicted chance by the share of its answers there that were neither
+    escalated nor failed, once it has `history_min_observations` of its last
+    `history_window`, never below `history_floor`. Its defaults are a first guess: the
+    evaluation routes every item before any is answered, so it cannot tune them.
     """
 
     policy: RoutePolicy = "quality"
@@ -451,6 +457,16 @@ class RouteSettings(Section):
     ensemble_temperature: float = Field(default=0.7, gt=0.0, le=2.0)
     ensemble_agreement: float = Field(
         default=1.0, ge=0.0, le=1.0, description="below this share of votes, escalate"
+    )
+    history_window: int = Field(default=100, ge=1, description="outcomes kept per key and model")
+    history_min_observations: int = Field(
+        default=20, ge=1, description="before this many, the history does not count"
+    )
+    history_floor: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="the history scales a prediction by at least this"
+    )
+    history_max_keys: int = Field(
+        default=10_000, ge=1, description="similar-request keys remembered, least recent dropped"
     )
     tenant_budgets_usd: dict[str, float] = Field(
         default_factory=dict,

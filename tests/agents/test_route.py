@@ -247,3 +247,51 @@ def test_an_ensemble_starts_small_and_escalates_a_split_vote(
     env.result = Result(output="138790", cost_usd=0.003, confidence=0.6)
     assert router.escalate(env)
     assert (env.model, env.route_reason, env.prior_cost_usd) == ("zoo-large", ESCALATED, 0.003)
+
+
+def outcome(prompt: str, model: str, status: Status) -> Envelope:
+    """A request as postprocess sees it after `model` answered it in infer."""
+    env = task(prompt)
+    env.model, env.route_reason, env.status = model, "quality", status
+    env.result = Result(output="1", confidence=1.0)
+    env.stage_latency_ms["infer"] = 5.0
+    return env
+
+
+def test_history_counts_only_once_it_has_enough_and_never_below_its_floor(
+    classifier: ComplexityClassifier,
+) -> None:
+    router = with_route(classifier, history_min_observations=4, history_floor=0.3)
+    for status in (Status.OK, Status.ERROR, Status.ERROR):
+        router.escalate(outcome(EASY_SUM, "zoo-small", status))
+    assert router.history.trust("task:add", "zoo-small") == 1.0
+    router.escalate(outcome("add 1+1=", "zoo-small", Status.OK))
+    assert router.history.trust("task:add", "zoo-small") == 0.5
+    assert router.history.trust("task:sort", "zoo-small") == 1.0, "another task, another key"
+    for _ in range(4):
+        router.escalate(outcome(EASY_SUM, "zoo-small", Status.ERROR))
+    assert router.history.trust("task:add", "zoo-small") == 0.3
+
+
+def test_a_model_often_escalated_on_similar_requests_loses_the_route(
+    classifier: ComplexityClassifier,
+) -> None:
+    router = with_route(classifier, history_min_observations=3, history_floor=0.4)
+    assert router.choose(task(EASY_SUM)).model == "zoo-small"
+    for _ in range(3):
+        unsure = outcome(EASY_SUM, "zoo-small", Status.OK)
+        unsure.route_reason, unsure.result = CASCADE, Result(output="1", confidence=0.1)
+        assert router.escalate(unsure)
+    assert router.history.trust("task:add", "zoo-small") == 0.4
+    assert router.choose(task(EASY_SUM)).model == "zoo-large"
+    bucketed = task(EASY_SUM)
+    bucketed.semantic_bucket = 2
+    assert router.choose(bucketed).model == "zoo-small", "a bucket is its own key"
+
+
+def test_history_forgets_the_least_recent_key(classifier: ComplexityClassifier) -> None:
+    router = with_route(classifier, history_min_observations=1, history_max_keys=1)
+    router.history.record("a", "zoo-small", False)
+    router.history.record("b", "zoo-small", False)
+    assert router.history.trust("a", "zoo-small") == 1.0
+    assert router.history.trust("b", "zoo-small") == 0.5

@@ -14,6 +14,7 @@ from inference.complexity import (
     ComplexityClassifier,
     prompt_features,
     roc_auc,
+    task_type,
 )
 from inference.decoder import DecoderModel, SamplingParams
 from inference.runtime import ModelLoadError
@@ -139,3 +140,11 @@ def test_feature_mismatch_is_refused(copy: Path) -> None:
     (copy / "classifier.json").write_text(json.dumps(card))
     with pytest.raises(ModelLoadError, match="features"):
         ComplexityClassifier(copy, device="cpu")
+
+
+def test_task_type_is_the_zoo_task_or_chat() -> None:
+    assert [task_type(p) for p in ("add 1+2=", "sort cab=", "Add a button")] == [
+        "add",
+        "sort",
+        "chat",
+    ]
