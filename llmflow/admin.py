@@ -1,10 +1,12 @@
-"""Kafka administration: the topology's topics, and the state of the workers' group."""
+"""Kafka administration: the topology's topics, the state of the workers' group, and
+reading what partitions hold."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -69,3 +71,29 @@ async def wait_for_stable_group(settings: Settings, members: int, timeout_s: flo
     finally:
         await admin.close()
     raise TimeoutError(f"group {settings.app_id!r} not stable with {members} members: {seen}")
+
+
+async def read_partitions(
+    bootstrap: str, partitions: list[TopicPartition]
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record `partitions` hold now: from their start to their end offsets as they
+    are when the read begins, oldest first within each partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+
+        async def behind() -> bool:
+            positions = [await consumer.position(tp) for tp in partitions]
+            return any(at < ends[tp] for at, tp in zip(positions, partitions, strict=True))
+
+        while await behind():
+            batches = await consumer.getmany(*partitions, timeout_ms=1000)
+            for batch in batches.values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()

@@ -18,6 +18,7 @@ from typing import Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
+from llmflow.admin import read_partitions
 from schemas.messages import (
     CancelEvent,
     ChatMessage,
@@ -56,22 +57,10 @@ async def request_status(settings: Settings, request_id: str) -> RequestStatus |
         kafka_partition(request_id.encode(), spec.partitions),
     )
     key = json.dumps(request_id).encode()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign([partition])
-        await consumer.seek_to_beginning(partition)
-        end = (await consumer.end_offsets([partition]))[partition]
-        found: bytes | None = None
-        while await consumer.position(partition) < end:
-            batches = await consumer.getmany(partition, timeout_ms=1000)
-            for message in batches.get(partition, []):
-                if message.key == key:
-                    found = message.value
-    finally:
-        await consumer.stop()
+    found: bytes | None = None
+    for record in await read_partitions(settings.bootstrap_servers, [partition]):
+        if record.key == key:
+            found = record.value
     return RequestStatus.model_validate_json(found) if found else None
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from tqdm import tqdm
 
 from agents.preprocess import InvalidRequest, Preprocessor, embed_last_user_turns, open_encoder
 from agents.warm import STAGE, answered_pairs, warm_envelope
+from llmflow.admin import read_partitions
 from schemas.messages import Envelope, dump
 from streams.app import destination
 from streams.locality import bucketer_for
@@ -26,27 +27,8 @@ from topology.settings import Settings
 async def read_topic(settings: Settings, topic: str, partitions: set[int]) -> list[bytes]:
     """Every value `topic` holds now in `partitions`, oldest first within each."""
     assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(assigned)
-        await consumer.seek_to_beginning(*assigned)
-        ends = await consumer.end_offsets(assigned)
-        values: list[bytes] = []
-
-        async def behind() -> bool:
-            positions = [await consumer.position(tp) for tp in assigned]
-            return any(at < ends[tp] for at, tp in zip(positions, assigned, strict=True))
-
-        while await behind():
-            batches = await consumer.getmany(*assigned, timeout_ms=1000)
-            for records in batches.values():
-                values.extend(r.value for r in records if r.value is not None)
-        return values
-    finally:
-        await consumer.stop()
+    records = await read_partitions(settings.bootstrap_servers, assigned)
+    return [r.value for r in records if r.value is not None]
 
 
 @dataclass
