@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import time
@@ -29,6 +28,7 @@ from inference.decoder import DecoderModel, SamplingParams
 from inference.encoder import Encoder
 from inference.runtime import Device, pick_providers
 from llmflow.prompts import load_prompts
+from llmflow.reports import write_report
 from models.tasks import make_items
 from schemas.messages import Priority
 from topology.settings import BatchSettings, Settings, load_settings
@@ -259,8 +259,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{result['saturation_items_per_s']}/s; light p50 "
                 f"{result['lightload_p50_ms_batched']} vs {result['lightload_p50_ms_unbatched']} ms"
             )
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(report, args.json)
     return 0
 
 

@@ -27,6 +27,7 @@ from prometheus_client import Counter as PromCounter
 from tqdm import tqdm
 
 from agents.infer import InferenceRunner
+from llmflow.reports import write_report
 from llmflow.stack import SimulatedProvider
 from schemas.messages import ChatMessage, Envelope, LLMRequest, Role, Status
 from streams import metrics
@@ -205,9 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": round(wall_s, 1),
     }
     print_report(report)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(report, args.json)
     return 0
 
 

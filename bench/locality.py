@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from llmflow.reports import write_report
 from streams.locality import MAPPINGS, Mapping, SemanticBucketer
 
 Embed = Callable[[list[str]], npt.NDArray[np.float32]]
@@ -571,11 +571,12 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {_fmt(v).strip()}" for k, v in choice["miss"].items())
             + f"; load max/mean {choice['load_max_over_mean']}"
         )
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    if args.plot:
-        plot(report, ["modulo", "modulo+center", "kafka"], Path(args.plot))
-        print(f"wrote {args.plot}")
+    write_report(
+        report,
+        args.json,
+        args.plot,
+        lambda path: plot(report, ["modulo", "modulo+center", "kafka"], path),
+    )
     return 0
 
 

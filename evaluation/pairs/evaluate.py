@@ -31,6 +31,7 @@ from agents.cache import SemanticCache, semantic_query
 from agents.dedup import Admission, InflightRegistry
 from agents.semantic import GUARD_KINDS, SemanticIndex, Vector, context_key, guards
 from inference.encoder import Encoder
+from llmflow.reports import write_report
 from schemas.messages import ChatMessage, Envelope, LLMRequest, Role, encode_embedding
 from topology.settings import DedupSettings, SemanticCacheSettings, load_settings
 
@@ -328,11 +329,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{numbers['precision']:.3f}  false-hit rate {numbers['false_hit_rate']:.4f} "
                 f"({numbers['false_hits']} false hits)"
             )
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    if args.plot:
-        plot(report, Path(args.plot))
-        print(f"wrote {args.plot}")
+    write_report(report, args.json, args.plot, lambda path: plot(report, path))
     return 0
 
 

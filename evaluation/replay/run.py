@@ -34,6 +34,7 @@ from tqdm import tqdm
 from llmflow.client import LLMFlowClient
 from llmflow.demo import format_rows, percentile
 from llmflow.prompts import Conversation, load_conversations
+from llmflow.reports import write_report
 from schemas.messages import ChatMessage, LLMRequest, LLMResponse, Role, Status
 from topology.settings import Settings
 
@@ -510,11 +511,7 @@ def finish(
     """Print the table, write the JSON (and the plot); 0 unless answers are missing."""
     result = report(workload, outcome, run_settings(args, settings))
     print(table(result), flush=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, Path(args.plot))
-        print(f"wrote {args.plot}")
+    write_report(result, args.json, args.plot, lambda path: plot(result, path))
     return 0 if result["missing"] == 0 and outcome.aborted is None else 1
 
 

@@ -37,6 +37,7 @@ from agents.postprocess import finish
 from agents.preprocess import count_tokens
 from agents.route import Router
 from inference.complexity import ComplexityClassifier
+from llmflow.reports import write_report
 from models.tasks import DIFFICULTIES, TASKS, Item, check, make_items
 from schemas.messages import ChatMessage, Envelope, GenerationParams, LLMRequest, Role
 from streams.drivers.local_decoder import LocalDecoderBackend
@@ -283,11 +284,7 @@ def run(args: argparse.Namespace) -> int:
     rows = asyncio.run(evaluate(settings, items))
     print(table(rows))
     report = {"tasks": args.tasks or "held-aside mix", "items": len(items), "policies": rows}
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    if args.plot:
-        plot(rows, Path(args.plot))
-        print(f"wrote {args.plot}")
+    write_report(report, args.json, args.plot, lambda path: plot(rows, path))
     return 0
 
 

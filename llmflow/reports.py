@@ -1,0 +1,25 @@
+"""Where benchmarks and evaluations leave their results: a JSON report, and a plot if asked."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_report(
+    report: Any,
+    json_path: str,
+    plot_path: str | None = None,
+    draw: Callable[[Path], None] | None = None,
+) -> None:
+    """Write `report` as indented JSON, and `draw` the plot when a path for it is given;
+    say where each went."""
+    target = Path(json_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    if plot_path and draw is not None:
+        draw(Path(plot_path))
+        print(f"wrote {plot_path}")
