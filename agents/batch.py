@@ -412,7 +412,8 @@ def attach(pipeline: Pipeline) -> None:
             metrics.batch_size.labels(model).observe(len(items))
             for _, envelope in items:
                 await pipeline.report(envelope, "infer")
-            await runner.run([e for _, e in items])
+            with metrics.batch_processing(model, len(items)):
+                await runner.run([e for _, e in items])
             task = asyncio.create_task(hand_on_all(items))
             handing_on.add(task)
             task.add_done_callback(handing_on.discard)

@@ -170,7 +170,8 @@ class InferenceRunner:
         stream = None
         if envelope.request.stream and self.chunks is not None:
             stream = StreamedChunks(envelope.request.id, self.chunks)
-        await self._answer_from(spec, envelope, stream)
+        with metrics.in_upstream(envelope):
+            await self._answer_from(spec, envelope, stream)
         if stream is not None and envelope.result is not None:
             envelope.result.streamed_chunks = stream.sent
 
@@ -338,7 +339,9 @@ class InferenceRunner:
         timeout = time_left.call_timeout()
         outcome = Outcome.ABANDONED
         try:
-            result = await asyncio.wait_for(self.backend.complete(spec, envelope, stream), timeout)
+            with metrics.upstream_call(spec.name):
+                call = self.backend.complete(spec, envelope, stream)
+                result = await asyncio.wait_for(call, timeout)
             outcome = Outcome.SUCCESS
         except TimeoutError as exc:
             outcome = Outcome.FAILURE
@@ -356,4 +359,5 @@ class InferenceRunner:
         finally:
             breaker.record(permit, outcome)
         metrics.upstream_calls.labels(spec.name, "ok").inc()
+        metrics.count_usage(spec.name, envelope.request.tenant, result)
         return result

@@ -93,6 +93,7 @@ def attach(pipeline: Pipeline) -> None:
         code = response.error.code.value if response.error else ""
         metrics.responses.labels(response.status.value, code).inc()
         metrics.request_latency.labels(response.status.value).observe(response.latency_ms / 1000.0)
+        metrics.observe_overhead(envelope, response.latency_ms / 1000.0)
         await pipeline.reply_topic(envelope.request.reply_topic).send(key=key, value=dump(response))
         await pipeline.report(envelope, STAGE, response.status)
 

@@ -295,6 +295,9 @@ class Router:
         if envelope.model is None or "infer" not in envelope.stage_latency_ms or cancelled:
             return
         self.history.record(self.history.key(envelope), self.logical(envelope.model), stood)
+        metrics.count_routing_outcome(
+            self.logical(envelope.model), stood, envelope.status is Status.OK
+        )
 
     def _start(self, model: str) -> str:
         deployment = self.balancer.pick(self.logical(model))

@@ -227,6 +227,46 @@ class StatusEvent(WireModel):
     stage_latency_ms: dict[str, float] = Field(default_factory=dict)
 
 
+class RoutedRecord(WireModel):
+    """A request the router's classifier decided, sent to the feedback stage keyed by request
+    id, so feedback on its answer can be joined with what was asked and who decided."""
+
+    request_id: str
+    tenant: str
+    model: str = Field(description="the logical model it was sent to")
+    version: str = Field(description="the router-model version that decided")
+    candidate: bool = Field(description="whether the request was in the candidate's share")
+    features: list[float]
+    at: float = Field(default_factory=time.time)
+
+
+class LabelledExample(WireModel):
+    """A routed request whose answer feedback called good or bad: one training example."""
+
+    routed: RoutedRecord
+    good: bool
+
+
+class RouterModel(BaseModel):
+    """One version of the router's classifier: its ONNX graph (a few KB), base64."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    onnx_b64: str
+
+
+class RouterModelsState(WireModel):
+    """The router models every worker uses, on the compacted router-models topic: the
+    incumbent, and a candidate taking `candidate_share` of requests while it rolls out."""
+
+    incumbent: RouterModel
+    candidate: RouterModel | None = None
+    candidate_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    event: str = Field(description="what made this state: published, promoted, adopted, ...")
+    at: float = Field(default_factory=time.time)
+
+
 class RequestStatus(BaseModel):
     """What is known of one request: the points it reached and, once answered, how it
     ended. `llmflow status ID` shows it."""
@@ -295,6 +335,9 @@ class Envelope(WireModel):
         default=0.0, description="what answers a cascade set aside for a stronger model's cost"
     )
     received_at: float = Field(default_factory=time.time)
+    upstream_ms: float = Field(
+        default=0.0, description="time in infer's model calls, retries and backoff included"
+    )
     stage_entered_at: float = Field(default_factory=time.time)
     stage_latency_ms: dict[str, float] = Field(default_factory=dict)
     result: Result | None = None

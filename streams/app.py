@@ -93,9 +93,16 @@ class Pipeline:
         )
         self.cancelled = CancelledSet(settings.cancel.remember_s, settings.cancel.max_remembered)
         self.app.task(self._watch_cancels)
+        self.sampler = metrics.worker_sampler()
+        self.app.timer(settings.metrics_sample_s)(self._sample_metrics)
 
     async def _watch_cancels(self) -> None:
         await watch_cancels(self.settings, self.cancelled, time.time)
+
+    async def _sample_metrics(self) -> None:
+        monitor = self.app.monitor
+        assigned = self.app.consumer.assignment()
+        self.sampler.sample(assigned, monitor.tp_end_offsets, monitor.tp_committed_offsets)
 
     def _topic(self, spec: TopicSpec) -> TopicT:
         return self.app.topic(

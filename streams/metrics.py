@@ -1,11 +1,20 @@
-"""Prometheus metrics every worker exposes: per-stage latency, terminal outcomes, and the
-cache and merge rates."""
+"""Prometheus metrics every worker exposes: per-stage latency, terminal outcomes, the
+cache and merge rates, model calls (latency, tokens, spend), routing outcomes, and what a
+periodic sample finds (resource use, parallel efficiency, consumer lag)."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Set
+from contextlib import contextmanager
+from pathlib import Path
 
+from faust.types import TP
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from schemas.messages import Envelope, Result, Status
 
 LATENCY_BUCKETS = (
     0.001,
@@ -109,6 +118,15 @@ request_deduplication_rate = Gauge(
     "llmflow_request_deduplication_rate",
     "Share of this worker's recent requests that waited on an identical one in flight",
 )
+forecast_arrival_rate = Gauge(
+    "llmflow_forecast_arrival_rate",
+    "Requests a second llmflow scaler expects one pod start-up ahead (streams.forecast)",
+)
+predicted_replicas = Gauge(
+    "llmflow_predicted_replicas",
+    "Replicas a deploy group needs for the forecast rate, within its partitions",
+    ["group"],
+)
 RECENT = 1000
 
 
@@ -141,6 +159,246 @@ def count_cache_lookup(kind: str, hit: bool) -> None:
     if share is None:
         share = recent_hits[kind] = RecentShare(cache_hit_rate_by_type.labels(kind))
     share.add(hit)
+
+
+batch_processing_latency = Histogram(
+    "llmflow_batch_processing_latency_seconds",
+    "Time from a batch's dispatch to every request of it answered by infer",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+upstream_latency = Histogram(
+    "llmflow_upstream_latency_seconds",
+    "Time of each successful model call (one attempt), streaming included",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+overhead_latency = Histogram(
+    "llmflow_overhead_latency_seconds",
+    "A request's time in the pipeline minus its time in infer's model calls (retries and "
+    "backoff included): what llmflow itself adds; merged followers are left out, since "
+    "they wait on their leader's call",
+    buckets=LATENCY_BUCKETS,
+)
+tokens = Counter("llmflow_tokens_total", "Tokens billed by model calls, by kind", ["model", "kind"])
+spend = Counter(
+    "llmflow_spend_usd_total", "What model calls cost, by model and tenant", ["model", "tenant"]
+)
+requests_in_flight = Gauge(
+    "llmflow_requests_in_flight",
+    "Model calls this worker has waiting on an upstream now: its share of the upstream load",
+)
+routing_outcomes = Counter(
+    "llmflow_routing_outcomes_total",
+    "Routed answers by what became of them: stood, escalated to a stronger model, or failed",
+    ["model", "outcome"],
+)
+model_routing_accuracy = Gauge(
+    "llmflow_model_routing_accuracy",
+    "Share of this worker's recent routed answers of each model that stood",
+    ["model"],
+)
+parallel_processing_efficiency = Gauge(
+    "llmflow_parallel_processing_efficiency",
+    "Over the last sample interval's batches: the time requests spent in their own model "
+    "calls over the time their batches took (per request, at most 1). 1 when every request "
+    "of a batch is answered as fast as its own call; lower when requests wait on slower "
+    "batchmates, on call slots or on retries' backoff",
+)
+resource_utilization_rate = Gauge(
+    "llmflow_resource_utilization_rate",
+    "Share of this worker's resources in use: cpu is process CPU seconds per second over "
+    "the cores it may use; memory is resident memory over its limit (cgroup, else RAM)",
+    ["resource"],
+)
+consumer_lag = Gauge(
+    "llmflow_consumer_lag",
+    "Messages of each assigned partition not yet committed: its end offset when last "
+    "fetched minus the offset this worker last committed (partitions it has committed)",
+    ["topic", "partition"],
+)
+
+
+@contextmanager
+def batch_processing(model: str, size: int) -> Iterator[None]:
+    """Time one dispatched batch; its request-seconds are the efficiency's denominator."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        seconds = time.monotonic() - started
+        batch_processing_latency.labels(model).observe(seconds)
+        efficiency.capacity += size * seconds
+
+
+@contextmanager
+def upstream_call(model: str) -> Iterator[None]:
+    """One attempt at a model: counted in flight while it runs, its time in the
+    efficiency's numerator, and in the latency histogram when it succeeds."""
+    started = time.monotonic()
+    requests_in_flight.inc()
+    try:
+        yield
+        upstream_latency.labels(model).observe(time.monotonic() - started)
+    finally:
+        requests_in_flight.dec()
+        efficiency.busy += time.monotonic() - started
+
+
+@contextmanager
+def in_upstream(envelope: Envelope) -> Iterator[None]:
+    """Charge the time `envelope` spends in infer's calls to it, for its overhead."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        envelope.upstream_ms += (time.monotonic() - started) * 1000.0
+
+
+def count_usage(model: str, tenant: str, result: Result) -> None:
+    tokens.labels(model, "prompt").inc(result.usage.prompt_tokens)
+    tokens.labels(model, "completion").inc(result.usage.completion_tokens)
+    spend.labels(model, tenant).inc(result.cost_usd)
+
+
+def overhead_seconds(envelope: Envelope, latency_s: float) -> float | None:
+    """The pipeline's own share of a request's latency; None for a merged follower."""
+    if envelope.status is Status.MERGED:
+        return None
+    return max(0.0, latency_s - envelope.upstream_ms / 1000.0)
+
+
+def observe_overhead(envelope: Envelope, latency_s: float) -> None:
+    overhead = overhead_seconds(envelope, latency_s)
+    if overhead is not None:
+        overhead_latency.observe(overhead)
+
+
+def routing_outcome(stood: bool, answered: bool) -> str:
+    """An answer that did not stand was escalated if the model answered, else it failed."""
+    if stood:
+        return "stood"
+    return "escalated" if answered else "failed"
+
+
+recent_routing: dict[str, RecentShare] = {}
+
+
+def count_routing_outcome(model: str, stood: bool, answered: bool) -> None:
+    routing_outcomes.labels(model, routing_outcome(stood, answered)).inc()
+    share = recent_routing.get(model)
+    if share is None:
+        share = recent_routing[model] = RecentShare(model_routing_accuracy.labels(model))
+    share.add(stood)
+
+
+class Efficiency:
+    """Request-seconds in model calls over request-seconds in batches, per interval."""
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.capacity = 0.0
+
+    def sample(self) -> float | None:
+        """The interval's ratio (None when no batch ran), and a new interval begins."""
+        busy, capacity = self.busy, self.capacity
+        self.busy = self.capacity = 0.0
+        if capacity <= 0.0:
+            return None
+        return min(1.0, busy / capacity)
+
+
+efficiency = Efficiency()
+
+
+def cgroup_value(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cores_available(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """The cgroup's CPU quota in cores, else the CPUs this process may run on."""
+    quota = (cgroup_value(cgroup / "cpu.max") or "max").split()
+    if quota[0] != "max" and len(quota) == 2:
+        return int(quota[0]) / int(quota[1])
+    return float(len(os.sched_getaffinity(0)))
+
+
+def memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """The cgroup's memory limit, else the machine's RAM."""
+    ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    limit = cgroup_value(cgroup / "memory.max") or "max"
+    return min(ram, float(limit)) if limit != "max" else ram
+
+
+def resident_bytes() -> float:
+    fields = Path("/proc/self/statm").read_text().split()
+    return float(int(fields[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+class ResourceUse:
+    """CPU and memory shares between samples; readers are passed in so tests drive it."""
+
+    def __init__(
+        self,
+        cores: float,
+        memory_bytes: float,
+        cpu_seconds: Callable[[], float] = time.process_time,
+        rss_bytes: Callable[[], float] = resident_bytes,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cores = cores
+        self.memory_bytes = memory_bytes
+        self.cpu_seconds = cpu_seconds
+        self.rss_bytes = rss_bytes
+        self.clock = clock
+        self._cpu, self._at = cpu_seconds(), clock()
+
+    def sample(self) -> dict[str, float]:
+        cpu, now = self.cpu_seconds(), self.clock()
+        wall = max(now - self._at, 1e-9)
+        shares = {
+            "cpu": (cpu - self._cpu) / wall / self.cores,
+            "memory": self.rss_bytes() / self.memory_bytes,
+        }
+        self._cpu, self._at = cpu, now
+        return shares
+
+
+def partition_lag(
+    assigned: Set[TP], end: Mapping[TP, int], committed: Mapping[TP, int]
+) -> dict[TP, int]:
+    """Lag of each assigned partition that has both offsets (changelogs, read only in
+    recovery, have no commits, and a partition nothing has reached yet has no end)."""
+    return {tp: max(0, end[tp] - committed[tp]) for tp in assigned if tp in end and tp in committed}
+
+
+class WorkerSampler:
+    """What the worker's periodic timer samples: resources, efficiency, consumer lag."""
+
+    def __init__(self, resources: ResourceUse) -> None:
+        self.resources = resources
+        self.lagging: set[TP] = set()
+
+    def sample(self, assigned: Set[TP], end: Mapping[TP, int], committed: Mapping[TP, int]) -> None:
+        """`end` and `committed` are the offsets faust's monitor last saw per partition."""
+        for resource, share in self.resources.sample().items():
+            resource_utilization_rate.labels(resource).set(share)
+        ratio = efficiency.sample()
+        if ratio is not None:
+            parallel_processing_efficiency.set(ratio)
+        lags = partition_lag(assigned, end, committed)
+        for tp in self.lagging - set(lags):
+            consumer_lag.remove(tp.topic, str(tp.partition))
+        for tp, lag in lags.items():
+            consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+        self.lagging = set(lags)
+
+
+def worker_sampler() -> WorkerSampler:
+    return WorkerSampler(ResourceUse(cores_available(), memory_available()))
 
 
 def serve(port: int) -> None:

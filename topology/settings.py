@@ -546,6 +546,9 @@ class Settings(Section):
     provider_url: str = "http://127.0.0.1:8089/v1"
     provider_api_key: str = "sim"
     metrics_port: int | None = None
+    metrics_sample_s: float = Field(
+        default=5.0, gt=0, description="how often a worker samples resources, efficiency, lag"
+    )
     data_dir: str = ".cache/worker"
     table_store: Literal["memory://", "rocksdb://"] = Field(
         default="memory://",
