@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -74,16 +75,25 @@ async def wait_for_stable_group(settings: Settings, members: int, timeout_s: flo
 
 
 async def read_partitions(
-    bootstrap: str, partitions: list[TopicPartition]
+    bootstrap: str,
+    partitions: list[TopicPartition],
+    starts: dict[TopicPartition, int] | None = None,
+    stops: dict[TopicPartition, int] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record `partitions` hold now: from their start to their end offsets as they
-    are when the read begins, oldest first within each partition."""
+    are when the read begins, oldest first within each partition. `starts` and `stops`
+    narrow that to [start, stop) where given (a replay's range); `progress` is told how
+    many records each fetch brought."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        firsts = await consumer.beginning_offsets(partitions)
         ends = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            ends[tp] = min(ends[tp], (stops or {}).get(tp, ends[tp]))
+            consumer.seek(tp, max(firsts[tp], (starts or {}).get(tp, 0)))
         records: list[ConsumerRecord[bytes, bytes]] = []
 
         async def behind() -> bool:
@@ -92,8 +102,11 @@ async def read_partitions(
 
         while await behind():
             batches = await consumer.getmany(*partitions, timeout_ms=1000)
-            for batch in batches.values():
-                records.extend(batch)
+            for tp, batch in batches.items():
+                wanted = [r for r in batch if r.offset < ends[tp]]
+                records.extend(wanted)
+                if progress is not None:
+                    progress(len(wanted))
         return records
     finally:
         await consumer.stop()

@@ -17,10 +17,12 @@ from typing import TypeVar
 from bench import batching as bench_batching
 from bench import faults as bench_faults
 from bench import locality as bench_locality
+from evaluation import compare as eval_compare
 from evaluation.pairs import evaluate as eval_pairs
 from evaluation.replay import run as eval_replay
 from evaluation.router import evaluate as eval_router
 from inference.runtime import ModelLoadError
+from llmflow import replay as replayer
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request, request_status
@@ -36,6 +38,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     if getattr(args, "bootstrap", None):
         settings = settings.model_copy(update={"bootstrap_servers": args.bootstrap})
+    if getattr(args, "in_namespace", None):
+        settings = replayer.namespace_settings(settings, args.in_namespace)
     return settings
 
 
@@ -225,6 +229,9 @@ def parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run one faust worker against the configured broker")
     worker.add_argument("--bootstrap")
+    worker.add_argument(
+        "--namespace", dest="in_namespace", help="run in a shadow namespace (llmflow replay)"
+    )
     worker.add_argument("--loglevel", default="WARNING")
     worker.set_defaults(func=cmd_worker)
 
@@ -282,6 +289,14 @@ def parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("eval-replay", help="ShareGPT through the pipeline: what answered")
     eval_replay.add_arguments(replay)
     replay.set_defaults(func=cmd_eval_replay)
+
+    replay_run = sub.add_parser("replay", help="resend a range of requests into a shadow namespace")
+    replayer.add_arguments(replay_run)
+    replay_run.set_defaults(func=replayer.run)
+
+    compare = sub.add_parser("evaluate", help="two runs side by side: cost, latency, accuracy")
+    eval_compare.add_arguments(compare)
+    compare.set_defaults(func=eval_compare.run)
 
     router = sub.add_parser("eval-router", help="routing policies on zoo tasks: accuracy, cost")
     eval_router.add_arguments(router)
