@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install the system programs the tests start for real: redis-server, a JDK and Maven
-# (for Apache Kafka). Debian/Ubuntu packages; installs only what is missing.
+# (for Apache Kafka), Prometheus and promtool. Debian/Ubuntu packages; installs only what
+# is missing.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v java >/dev/null || missing+=(default-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
+# promtool checks the alert rules; the prometheus server scrapes a worker in a test.
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
