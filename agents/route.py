@@ -21,14 +21,15 @@ import math
 import random
 import time
 from collections import OrderedDict, defaultdict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from faust.types import EventT
 
 from agents.ensemble import ENSEMBLE
-from inference.complexity import ComplexityClassifier, task_type
-from schemas.messages import Envelope, ErrorCode, Status
+from agents.rollout import Loaded, in_candidate_share, versions_of
+from inference.complexity import ComplexityClassifier, prompt_features, task_type
+from schemas.messages import Envelope, ErrorCode, RoutedRecord, Status, dump
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import ModelSpec, RouteSettings, Settings
@@ -43,6 +44,8 @@ ESCALATING = (CASCADE, ENSEMBLE)
 class Choice:
     model: str | None
     reason: str
+    version: str | None = None  # the router-model version, when its classifier decided
+    candidate: bool = False  # whether that was the candidate of a rollout
 
 
 class DeploymentStats:
@@ -170,6 +173,9 @@ class Router:
     ) -> None:
         self.settings = settings
         self.classifier = classifier
+        self.version: str | None = None
+        self.candidate: Loaded | None = None
+        self.candidate_share = 0.0
         self.balancer = Balancer(settings, random.Random(seed))
         self.budgets = TenantBudgets(settings.route)
         self.history = History(settings.route)
@@ -181,6 +187,19 @@ class Router:
         path = settings.route.classifier
         classifier = None if path is None else ComplexityClassifier(Path(path), "cpu")
         return cls(settings, classifier, seed)
+
+    def use(self, incumbent: Loaded, candidate: Loaded | None, share: float) -> None:
+        """Route with these router models from the next request on (a hot reload)."""
+        self.classifier, self.version = incumbent.classifier, incumbent.version
+        self.candidate, self.candidate_share = candidate, share
+
+    def deciding(self, request_id: str) -> tuple[ComplexityClassifier | None, str | None, bool]:
+        """The classifier that decides for this request, its version, and whether it is the
+        candidate's (for the requests in its share)."""
+        candidate = self.candidate
+        if candidate is not None and in_candidate_share(request_id, self.candidate_share):
+            return candidate.classifier, candidate.version, True
+        return self.classifier, self.version, False
 
     def fits(self, model: str, envelope: Envelope) -> bool:
         spec = self.settings.model(model)
@@ -196,15 +215,16 @@ class Router:
         chance of answering right as the history of similar requests trusts it; empty
         without a classifier or a user turn."""
         prompt = envelope.request.last_user_turn()
-        if self.classifier is None or self.settings.route.policy == "rules" or prompt is None:
+        classifier, _, _ = self.deciding(envelope.request.id)
+        if classifier is None or self.settings.route.policy == "rules" or prompt is None:
             return {}
-        specs = [self.settings.model(name) for name in self.classifier.models]
+        specs = [self.settings.model(name) for name in classifier.models]
         fitting = sorted(
             (s for s in specs if s is not None and self.fits(s.name, envelope)), key=price_per_1k
         )
         if not fitting:
             return {}
-        p_correct = self.classifier.predict([prompt])
+        p_correct = classifier.predict([prompt])
         key = self.history.key(envelope)
         return {
             s.name: float(p_correct[s.name][0]) * self.history.trust(key, s.name) for s in fitting
@@ -221,7 +241,8 @@ class Router:
         thrifty = self.budgets.exhausted(envelope.request.tenant, now)
         predicted = self.predict(envelope)
         if predicted and max(predicted.values()) >= self.settings.route.task_floor:
-            return self._among(predicted, thrifty)
+            _, version, candidate = self.deciding(envelope.request.id)
+            return replace(self._among(predicted, thrifty), version=version, candidate=candidate)
         rules = self.settings.route
         short = envelope.prompt_tokens <= rules.small_max_prompt_tokens
         if (short or thrifty) and self.fits(rules.small_model, envelope):
@@ -242,6 +263,22 @@ class Router:
         if meeting:
             return Choice(meeting[0], "quality")
         return Choice(max(predicted, key=lambda name: predicted[name]), "best_predicted")
+
+    def routed(self, envelope: Envelope, choice: Choice) -> RoutedRecord | None:
+        """What feedback on this request's answer will be joined with: only where the
+        classifier chose the one model that answers (a cascade or an ensemble may end on
+        another, so feedback could not say which model it is about)."""
+        prompt = envelope.request.last_user_turn()
+        if choice.version is None or choice.model is None or choice.reason in ESCALATING:
+            return None
+        return RoutedRecord(
+            request_id=envelope.request.id,
+            tenant=envelope.request.tenant,
+            model=self.logical(choice.model),
+            version=choice.version,
+            candidate=choice.candidate,
+            features=prompt_features(prompt or "").tolist(),
+        )
 
     def stronger(self, envelope: Envelope) -> str | None:
         """The next model up from the one that answered, among the classifier's models that
@@ -309,7 +346,7 @@ class Router:
         choice = self.choose(envelope, now)
         if choice.model is None:
             return choice
-        return Choice(self._start(choice.model), choice.reason)
+        return replace(choice, model=self._start(choice.model))
 
     def logical(self, deployment: str) -> str:
         spec = self.settings.model(deployment)
@@ -335,6 +372,10 @@ def router_of(pipeline: Pipeline) -> Router:
 
 def attach(pipeline: Pipeline) -> None:
     router = router_of(pipeline)
+    versions = versions_of(pipeline)
+    if versions is not None:
+        versions.listen(router.use)
+    learning = pipeline.settings.feedback.enabled
 
     async def route(_event: EventT[bytes], envelope: Envelope) -> None:
         choice = router.assign(envelope)
@@ -345,5 +386,9 @@ def attach(pipeline: Pipeline) -> None:
         metrics.stage_events.labels(STAGE, choice.model).inc()
         envelope.model, envelope.route_reason = choice.model, choice.reason
         await pipeline.send("batch", envelope)
+        record = router.routed(envelope, choice) if learning else None
+        if record is not None:
+            key = record.request_id.encode()
+            await pipeline.stage_topics["feedback"].send(key=key, value=dump(record))
 
     pipeline.stage_agent(STAGE, route)

@@ -3,9 +3,12 @@
 torch is only in the build venv (a multi-GB CUDA build that the runtime venv and CI cannot
 afford), yet feedback arrives at run time. So the update works on the exported graph
 itself: the weights are read from the ONNX initializers, trained with gradient steps
-(Adam) of the binary cross-entropy masked to the one output a feedback event labels (the
-model that answered), and written back into the same graph by replacing the initializers,
-input and output names kept. The standardisation baked into the graph is left as built.
+(Adam) of the binary cross-entropy on the one output a feedback event labels (the model
+that answered), and written back into the same graph by replacing the initializers, input
+and output names kept. The outputs an event does not label share the hidden layers, so
+they would drift with it: their target is the incumbent's own prediction (self-
+distillation, weighted `keep_weight`), which keeps what the feedback says nothing about.
+The standardisation baked into the graph is left as built.
 """
 
 from __future__ import annotations
@@ -93,23 +96,33 @@ def write_network(onnx_bytes: bytes, network: Network) -> bytes:
 class TrainingParams:
     steps: int = 200
     learning_rate: float = 0.01
+    keep_weight: float = 1.0
 
 
-def masked_bce(network: Network, x: Array, model: Array, label: Array) -> float:
-    """Mean binary cross-entropy over the outputs the examples label (one per example)."""
+def targets(
+    network: Network, x: Array, model: Array, label: Array, keep_weight: float
+) -> tuple[Array, Array]:
+    """Per example and output, the target and its weight: the label (weight 1) where the
+    example's model answered, the network's own prediction (`keep_weight`) elsewhere."""
+    target = network.predict(x).astype(np.float64)
+    weight = np.full(target.shape, keep_weight)
+    rows = np.arange(len(target))
+    target[rows, model], weight[rows, model] = label, 1.0
+    return target, weight
+
+
+def weighted_bce(network: Network, x: Array, target: Array, weight: Array) -> float:
+    """Binary cross-entropy summed over weighted outputs, averaged over examples."""
     z, _ = network.logits(x)
-    chosen = z[np.arange(len(z)), model]
     # log(1 + e^-|z|) + max(z, 0) - y z: BCE with logits, stable for large |z|.
-    loss = np.logaddexp(0.0, -np.abs(chosen)) + np.maximum(chosen, 0.0) - label * chosen
-    return float(loss.mean())
+    loss = np.logaddexp(0.0, -np.abs(z)) + np.maximum(z, 0.0) - target * z
+    return float((weight * loss).sum() / len(z))
 
 
-def gradients(network: Network, x: Array, model: Array, label: Array) -> list[Array]:
-    """d masked_bce / d (weight, bias) of every layer, in the order of `network.layers`."""
+def gradients(network: Network, x: Array, target: Array, weight: Array) -> list[Array]:
+    """d weighted_bce / d (weight, bias) of every layer, in the order of `network.layers`."""
     z, inputs = network.logits(x)
-    rows = np.arange(len(z))
-    upstream = np.zeros_like(z)
-    upstream[rows, model] = (1.0 / (1.0 + np.exp(-z[rows, model])) - label) / len(z)
+    upstream = weight * (1.0 / (1.0 + np.exp(-z)) - target) / len(z)
     grads: list[Array] = []
     for index in range(len(network.layers) - 1, -1, -1):
         weight, _ = network.layers[index]
@@ -125,8 +138,9 @@ def fine_tune(
     """A copy of `network` after `params.steps` full-batch Adam steps on the examples:
     features `x` [n, F], the index of the model that answered [n], 1.0 right / 0.0 wrong."""
     x = np.asarray(x, np.float64)
-    label = np.asarray(label, np.float64)
-    model = np.asarray(model, np.int64)
+    target, weight = targets(
+        network, x, np.asarray(model, np.int64), np.asarray(label), params.keep_weight
+    )
     tuned = Network(
         network.mean.astype(np.float64),
         network.std.astype(np.float64),
@@ -138,7 +152,7 @@ def fine_tune(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, params.steps + 1):
         for param, grad, m, v in zip(
-            flat, gradients(tuned, x, model, label), first, second, strict=True
+            flat, gradients(tuned, x, target, weight), first, second, strict=True
         ):
             m[...] = beta1 * m + (1 - beta1) * grad
             v[...] = beta2 * v + (1 - beta2) * grad**2

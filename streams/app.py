@@ -281,6 +281,8 @@ class Pipeline:
             batch,
             cache,
             dedup,
+            feedback,
+            learn,
             postprocess,
             preprocess,
             ratelimit,
@@ -301,6 +303,8 @@ class Pipeline:
             respond,
             warm,
             status,
+            feedback,
+            learn,
         )
         for module in stages:
             module.attach(self)

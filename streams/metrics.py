@@ -403,3 +403,28 @@ def worker_sampler() -> WorkerSampler:
 
 def serve(port: int) -> None:
     start_http_server(port, addr="0.0.0.0")
+
+
+# Learning from feedback (agents.feedback, agents.learn, agents.rollout).
+router_model_feedback = Counter(
+    "llmflow_router_model_feedback_total",
+    "Feedback events by the arm whose router model routed the request (incumbent or "
+    "candidate; unjoined: no routed record here) and outcome (good, bad, unlabelled)",
+    ["arm", "outcome"],
+)
+router_model_rollouts = Counter(
+    "llmflow_router_model_rollouts_total",
+    "Router model rollout events: published, promoted, adopted, rolled_back",
+    ["event"],
+)
+router_model_candidate_share = Gauge(
+    "llmflow_router_model_candidate_share", "Share of requests the candidate router model routes"
+)
+router_model_good_share = Gauge(
+    "llmflow_router_model_good_share",
+    "Share of good feedback in the current rollout step, per arm (learn stage's worker)",
+    ["arm"],
+)
+router_model_reloads = Counter(
+    "llmflow_router_model_reloads_total", "Router model versions this worker loaded without restart"
+)

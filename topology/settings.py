@@ -48,6 +48,8 @@ class Topics(Section):
     dlq: TopicSpec = TopicSpec(name="llm.dlq", retention_ms=30 * 24 * 3600 * 1000)
     feedback: TopicSpec = TopicSpec(name="llm.feedback")
     cancel: TopicSpec = TopicSpec(name="llm.cancel", retention_ms=24 * 3600 * 1000)
+    # One key holds the router models in use; compaction keeps the latest for new workers.
+    router_models: TopicSpec = TopicSpec(name="llm.router-models", partitions=1, compacted=True)
 
 
 KeyBy = Literal["tenant", "fingerprint", "locality", "model", "request_id"]
@@ -88,6 +90,11 @@ def default_stages() -> list[StageSpec]:
         _stage("respond", "request_id"),
         _stage("warm", "locality"),
         StageSpec(name="status", topic=TopicSpec(name="llm.status"), key_by="request_id"),
+        _stage("feedback", "request_id"),
+        # One partition: one worker learns from all feedback and runs the rollout.
+        StageSpec(
+            name="learn", topic=TopicSpec(name="llm.stage.learn", partitions=1), key_by="request_id"
+        ),
     ]
 
 
@@ -529,6 +536,37 @@ class CancelSettings(Section):
     max_remembered: int = Field(default=100_000, ge=1)
 
 
+class FeedbackSettings(Section):
+    """Learning from feedback: route records each request its classifier decided (on the
+    feedback stage's topic, keyed by request id like `llm.feedback`, so both meet on one
+    worker, which remembers the last `max_routed` of them); the learn stage keeps the last
+    `max_examples` joined examples and, every `train_after` new ones while no candidate is
+    out, fine-tunes the incumbent (`train_steps` Adam steps at `learning_rate`) into a
+    candidate. The candidate takes each share of `steps` in turn once it had
+    `min_events_per_step` feedback events there and was not worse than the incumbent by
+    more than `margin`; the last step makes it the incumbent. It is rolled back as soon as
+    its share of good answers is below the incumbent's by more than `margin`, with at
+    least `min_samples` events each and a one-sided two-proportion z above `z_critical`."""
+
+    enabled: bool = True
+    max_routed: int = Field(default=100_000, ge=1, description="per worker, least recent go")
+    max_examples: int = Field(default=10_000, ge=1)
+    train_after: int = Field(default=500, ge=1)
+    train_steps: int = Field(default=200, ge=1)
+    learning_rate: float = Field(default=0.01, gt=0)
+    steps: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 1.0], min_length=1)
+    min_events_per_step: int = Field(default=200, ge=1)
+    min_samples: int = Field(default=50, ge=1)
+    margin: float = Field(default=0.02, ge=0.0, le=1.0)
+    z_critical: float = Field(default=1.645, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> FeedbackSettings:
+        if self.steps != sorted(self.steps) or not 0 < self.steps[0] or self.steps[-1] != 1.0:
+            raise ValueError(f"feedback.steps must rise from above 0 to 1.0, not {self.steps}")
+        return self
+
+
 class StatusSettings(Section):
     """How long the status record of a request is kept, per partition of `llm.status`."""
 
@@ -571,6 +609,7 @@ class Settings(Section):
     engine: EngineSettings = EngineSettings()
     cancel: CancelSettings = CancelSettings()
     status: StatusSettings = StatusSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
 
     @model_validator(mode="after")
     def _check_graph(self) -> Settings:
@@ -623,6 +662,7 @@ class Settings(Section):
             self.topics.dlq,
             self.topics.feedback,
             self.topics.cancel,
+            self.topics.router_models,
         ]
         return wire + [s.topic for s in self.stages] + self.changelog_topics()
 

@@ -136,7 +136,8 @@ def test_all_topics_lists_wire_and_stage_topics() -> None:
     ]
     assert "llm.stage.postprocess" in names
     assert "llm.status" in names
-    assert len(names) == len(set(names)) == 20
+    assert "llm.router-models" in names
+    assert len(names) == len(set(names)) == 23
 
 
 def test_changelog_topics_are_compacted_and_co_partitioned_with_their_stage() -> None:
@@ -196,3 +197,26 @@ def test_the_zoo_models_are_in_the_registry_as_their_cards_say() -> None:
     small, large = settings.model("zoo-small"), settings.model("zoo-large")
     assert small is not None and large is not None
     assert small.input_per_1k < large.input_per_1k
+
+
+def test_worker_stages_read_from_the_env_comma_separated_or_as_json() -> None:
+    assert Settings().worker_stages == [] and Settings().runs("batch")
+    split = load_settings(environ={"LLMFLOW_WORKER_STAGES": "preprocess, ratelimit"})
+    assert split.worker_stages == ["preprocess", "ratelimit"]
+    assert split.runs("ratelimit") and not split.runs("batch")
+    listed = load_settings(environ={"LLMFLOW_WORKER_STAGES": '["batch"]'})
+    assert listed.worker_stages == ["batch"]
+    assert load_settings(environ=to_env(listed)).worker_stages == ["batch"]
+
+
+def test_worker_stages_naming_an_unknown_stage_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"unknown stages \['bacth'\]"):
+        Settings(worker_stages=["preprocess", "bacth"])
+
+
+def test_worker_stages_splitting_the_table_sharing_stages_is_refused() -> None:
+    sharing = Settings().table_sharing_stages()
+    assert sharing == ["dedup", "cache", "route", "postprocess", "warm"]
+    with pytest.raises(ValueError, match=r"splits .* \(add \['route', 'postprocess', 'warm'\]\)"):
+        Settings(worker_stages=["dedup", "cache"])
+    assert Settings(worker_stages=[*sharing, "batch"]).runs("warm")
