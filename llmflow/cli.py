@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import ValidationError
+
 from bench import batching as bench_batching
 from bench import faults as bench_faults
 from bench import locality as bench_locality
@@ -152,7 +154,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     sys.argv = [sys.argv[0], "worker"]
     try:
-        run_worker(_settings(args), args.loglevel)
+        settings = _settings(args)
+        if args.stages is not None:
+            chosen = {**settings.model_dump(), "worker_stages": args.stages}
+            settings = Settings.model_validate(chosen)
+    except ValidationError as exc:
+        print(f"llmflow worker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_worker(settings, args.loglevel)
     except ModelLoadError as exc:
         print(f"llmflow worker: {exc}", file=sys.stderr)
         return 2
@@ -233,6 +243,11 @@ def parser() -> argparse.ArgumentParser:
         "--namespace", dest="in_namespace", help="run in a shadow namespace (llmflow replay)"
     )
     worker.add_argument("--loglevel", default="WARNING")
+    worker.add_argument(
+        "--stages",
+        help="comma separated stages to run, e.g. dedup,cache,route,postprocess,warm "
+        "(default: LLMFLOW_WORKER_STAGES, else every stage)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="send one request and print its response")

@@ -1,4 +1,5 @@
-"""One faust worker: every stage agent of the pipeline, plus the metrics endpoint."""
+"""One faust worker: the stage agents `worker_stages` names (every one by default), plus
+the metrics endpoint."""
 
 from __future__ import annotations
 

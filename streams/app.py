@@ -307,4 +307,5 @@ class Pipeline:
             learn,
         )
         for module in stages:
-            module.attach(self)
+            if self.settings.runs(module.STAGE):
+                module.attach(self)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.messages import RequestClass
 
@@ -55,6 +55,17 @@ class Topics(Section):
 KeyBy = Literal["tenant", "fingerprint", "locality", "model", "request_id"]
 # Stages keyed by these share Tables, so their topics need one partition count.
 COPARTITIONED: tuple[KeyBy, ...] = ("fingerprint", "locality")
+# Preprocess reads the public requests topic, so it has no StageSpec of its own.
+ENTRY_STAGE = "preprocess"
+# How docker-compose.yml and k8s split the stages into worker groups: core holds every
+# stage that shares the in-flight and cache Tables; infer runs fused inside batch; respond
+# holds the stages keyed by request id off the model path (feedback joins, the learner).
+DEPLOY_GROUPS: dict[str, tuple[str, ...]] = {
+    "edge": ("preprocess", "ratelimit"),
+    "core": ("dedup", "cache", "route", "postprocess", "warm"),
+    "infer": ("batch",),
+    "respond": ("respond", "status", "feedback", "learn"),
+}
 
 
 class StageSpec(Section):
@@ -587,6 +598,10 @@ class Settings(Section):
     metrics_sample_s: float = Field(
         default=5.0, gt=0, description="how often a worker samples resources, efficiency, lag"
     )
+    worker_stages: list[str] = Field(
+        default_factory=list,
+        description="the stages this worker runs (a JSON list or comma separated); empty: all",
+    )
     data_dir: str = ".cache/worker"
     table_store: Literal["memory://", "rocksdb://"] = Field(
         default="memory://",
@@ -611,6 +626,14 @@ class Settings(Section):
     status: StatusSettings = StatusSettings()
     feedback: FeedbackSettings = FeedbackSettings()
 
+    @field_validator("worker_stages", mode="before")
+    @classmethod
+    def _split_stage_names(cls, value: Any) -> Any:
+        """`LLMFLOW_WORKER_STAGES=dedup,cache` reads as a list, as a JSON list does."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check_graph(self) -> Settings:
         names = [s.name for s in self.stages]
@@ -625,6 +648,7 @@ class Settings(Section):
         for table, stage in self.tables.items():
             if stage not in names:
                 raise ValueError(f"table {table!r} names stage {stage!r}, not in the graph")
+        self._check_worker_stages()
         if self.semantic.enabled and not self.embedding.enabled:
             raise ValueError("semantic.enabled needs embedding.enabled: it matches embeddings")
         known = {m.name for m in self.models}
@@ -636,6 +660,33 @@ class Settings(Section):
             if unknown:
                 raise ValueError(f"infer.fallbacks of {model!r} name unknown models {unknown}")
         return self
+
+    def _check_worker_stages(self) -> None:
+        known = self.stage_names()
+        unknown = [name for name in self.worker_stages if name not in known]
+        if unknown:
+            raise ValueError(f"worker_stages names unknown stages {unknown}; known: {known}")
+        sharing = self.table_sharing_stages()
+        left_out = [name for name in sharing if not self.runs(name)]
+        if left_out and len(left_out) < len(sharing):
+            raise ValueError(
+                f"worker_stages {self.worker_stages} splits {sharing}: they share the in-flight "
+                f"and cache Tables and the index over them, so a worker runs all of them or "
+                f"none (add {left_out})"
+            )
+
+    def stage_names(self) -> list[str]:
+        """Every stage a worker can run, in the order of the path."""
+        return [ENTRY_STAGE, *(s.name for s in self.stages)]
+
+    def table_sharing_stages(self) -> list[str]:
+        """Stages keyed by fingerprint or locality: postprocess releases the followers dedup
+        parked and writes the cache's Tables, and route and postprocess share one Router."""
+        return [s.name for s in self.stages if s.key_by in COPARTITIONED]
+
+    def runs(self, stage: str) -> bool:
+        """Whether this worker attaches `stage` (`worker_stages` empty: every stage)."""
+        return not self.worker_stages or stage in self.worker_stages
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:

@@ -74,3 +74,24 @@ def test_a_worker_with_a_corrupt_local_model_stops_with_a_clear_error(tmp_path: 
     )
     assert done.returncode == 2
     assert f"{broken / 'model.onnx'} could not be loaded" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--stages", "dedup,cache"], {}, "splits ['dedup', 'cache', 'route', 'postprocess'"),
+        ([], {"LLMFLOW_WORKER_STAGES": "preprocess,bacth"}, "unknown stages ['bacth']"),
+    ],
+)
+def test_a_worker_given_stages_it_cannot_run_stops_with_a_clear_error(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "llmflow.cli", "worker", *argv],
+        env={**os.environ, **env, "LLMFLOW_BOOTSTRAP_SERVERS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
