@@ -31,6 +31,7 @@ from llmflow.client import LLMFlowClient, new_request, request_status
 from llmflow.demo import run_demo
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.export import write_json_schemas
+from schemas.messages import FeedbackEvent
 from topology.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -196,6 +197,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return asyncio.run(_cancel(args))
 
 
+async def _feedback(args: argparse.Namespace) -> int:
+    event = FeedbackEvent(
+        request_id=args.id,
+        tenant=args.tenant,
+        correct=args.correct,
+        rating=args.rating,
+        comment=args.comment,
+    )
+    async with LLMFlowClient(_settings(args)) as client:
+        await client.feedback(event)
+    print(event.model_dump_json())
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    return asyncio.run(_feedback(args))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     found = asyncio.run(request_status(_settings(args), args.id))
     if found is None:
@@ -263,6 +282,17 @@ def parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled by the caller")
     cancel.add_argument("--bootstrap")
     cancel.set_defaults(func=cmd_cancel)
+
+    feedback = sub.add_parser("feedback", help="rate a request's answer: the router learns from it")
+    feedback.add_argument("id")
+    feedback.add_argument("--tenant", required=True, help="the tenant that sent the request")
+    verdict = feedback.add_mutually_exclusive_group()
+    verdict.add_argument("--correct", action="store_true", default=None)
+    verdict.add_argument("--wrong", dest="correct", action="store_false")
+    feedback.add_argument("--rating", type=float, help="-1 (bad) to 1 (good)")
+    feedback.add_argument("--comment")
+    feedback.add_argument("--bootstrap")
+    feedback.set_defaults(func=cmd_feedback)
 
     status = sub.add_parser("status", help="a request's stages, model, retries and outcome")
     status.add_argument("id")

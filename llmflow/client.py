@@ -22,6 +22,7 @@ from llmflow.admin import read_partitions
 from schemas.messages import (
     CancelEvent,
     ChatMessage,
+    FeedbackEvent,
     LLMRequest,
     LLMResponse,
     RequestStatus,
@@ -160,6 +161,13 @@ class LLMFlowClient:
         event = CancelEvent(request_id=request_id, reason=reason)
         await self._producer.send_and_wait(
             self.settings.topics.cancel.name, dump(event), key=request_id.encode()
+        )
+
+    async def feedback(self, event: FeedbackEvent) -> None:
+        """Say whether a request's answer was right or how good it was; the router learns
+        from it (`agents.feedback`). Keyed by request id, as the routed records are."""
+        await self._producer.send_and_wait(
+            self.settings.topics.feedback.name, dump(event), key=event.request_id.encode()
         )
 
     async def send_raw(self, raw: bytes, key: bytes | None = None) -> None:
