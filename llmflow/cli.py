@@ -102,16 +102,16 @@ async def _demo(settings: Settings, count: int, workers: Workers) -> int:
     return 0 if summary.missing == 0 else 1
 
 
-def _wait_for_signal() -> None:
+async def _until_signal() -> None:
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
-    async def wait() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
 
-    asyncio.run(wait())
+def _wait_for_signal() -> None:
+    asyncio.run(_until_signal())
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -232,6 +232,34 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return run(settings, requests, args.responses or settings.topics.responses.name)
 
 
+async def _serve(settings: Settings) -> None:
+    from llmflow.ingress import IngressServer
+
+    async with IngressServer(settings) as server:
+        print(
+            f"llmflow serve: {server.base_url} (OpenAI-compatible), "
+            f"{len(settings.ingress.api_keys)} API key(s), broker {settings.bootstrap_servers}; "
+            "Ctrl-C stops",
+            flush=True,
+        )
+        await _until_signal()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    update = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update={"ingress": settings.ingress.model_copy(update=update)})
+    if not settings.ingress.api_keys:
+        print(
+            "llmflow serve: no API keys; set ingress.api_keys, e.g. "
+            """LLMFLOW_INGRESS__API_KEYS='{"sk-mine": "my-tenant"}'""",
+            file=sys.stderr,
+        )
+        return 2
+    asyncio.run(_serve(settings))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     for path in write_json_schemas(Path(args.out)):
         print(path)
@@ -276,6 +304,12 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--bootstrap")
     submit.add_argument("--timeout", type=float, default=60.0)
     submit.set_defaults(func=cmd_submit)
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP endpoint (/v1)")
+    serve.add_argument("--host", help="default: ingress.host (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default: ingress.port (8000)")
+    serve.add_argument("--bootstrap")
+    serve.set_defaults(func=cmd_serve)
 
     cancel = sub.add_parser("cancel", help="stop a request in flight: it is answered cancelled")
     cancel.add_argument("id")

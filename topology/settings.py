@@ -539,6 +539,38 @@ class EngineSettings(Section):
     max_batch: int = Field(default=16, ge=1, description="rows decoded together per step")
 
 
+class ApiKey(Section):
+    """Whom an API key of the HTTP ingress speaks for: its tenant, and its user when the
+    key is one person's (else the body's `user` field names the user)."""
+
+    tenant: str = Field(min_length=1, max_length=128)
+    user: str | None = Field(default=None, max_length=128)
+
+
+class IngressSettings(Section):
+    """The OpenAI-compatible HTTP endpoint (`llmflow serve`, `llmflow.ingress`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535, description="0: any free port")
+    api_keys: dict[str, ApiKey] = Field(
+        default_factory=dict, description='key → {"tenant", "user"}, or key → tenant'
+    )
+    max_wait_s: float = Field(default=120.0, gt=0, description="longest a call waits")
+    deadline_grace_s: float = Field(
+        default=5.0, ge=0, description="past a deadline, the wait for the timeout answer"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tenant_shorthand(cls, data: Any) -> Any:
+        """`{"key": "acme"}` is short for `{"key": {"tenant": "acme"}}`."""
+        if isinstance(data, dict) and isinstance(data.get("api_keys"), dict):
+            keys = data["api_keys"]
+            expanded = {k: {"tenant": v} if isinstance(v, str) else v for k, v in keys.items()}
+            return {**data, "api_keys": expanded}
+        return data
+
+
 class CancelSettings(Section):
     """How long each worker remembers a cancelled request id: longer than a request lives
     (the longest infer timeout is 300 s), bounded in count too."""
@@ -608,6 +640,7 @@ class Settings(Section):
         description="where Tables live between changelog recoveries: rocksdb keeps them on disk",
     )
     topics: Topics = Topics()
+    ingress: IngressSettings = IngressSettings()
     stages: list[StageSpec] = Field(default_factory=default_stages)
     tables: dict[str, str] = Field(default_factory=default_tables)
     models: list[ModelSpec] = Field(default_factory=default_models)
