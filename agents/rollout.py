@@ -131,8 +131,9 @@ Use = Callable[[Loaded, Loaded | None, float], None]
 class RouterVersions:
     """The router models this worker routes with, kept in step with the router-models topic.
 
-    A version is written once to `folder/<version>/` with the base classifier's card
-    (ONNX Runtime loads files) and kept loaded while in use; listeners hear of each change.
+    A version is written to `folder/<version>/` with the base classifier's card just long
+    enough for ONNX Runtime to load it from there, and kept loaded (in memory) while in use;
+    listeners hear of each change.
     """
 
     def __init__(self, base_folder: Path, folder: Path) -> None:
@@ -169,7 +170,10 @@ class RouterVersions:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.base_folder / "classifier.json", folder / "classifier.json")
         (folder / "model.onnx").write_bytes(onnx)
-        classifier = ComplexityClassifier(folder, "cpu")
+        try:
+            classifier = ComplexityClassifier(folder, "cpu")
+        finally:
+            shutil.rmtree(folder)
         if classifier.models != self.incumbent.classifier.models:
             raise ValueError(f"router model {model.version} is for {classifier.models}")
         metrics.router_model_reloads.inc()

@@ -122,7 +122,8 @@ def test_routers_reload_a_candidate_for_its_share_and_drop_it_on_rollback(
         assert choice.candidate is in_share
         assert choice.version == (candidate.version if in_share else base.version)
         assert choice.model == ("zoo-large" if in_share else "zoo-small")
-    assert (tmp_path / candidate.version / "model.onnx").read_bytes() == worse_on_reverse
+    assert router.candidate is not None and router.candidate.onnx == worse_on_reverse
+    assert not any(tmp_path.iterdir())  # loaded into memory, nothing left on disk
 
     versions.apply(RouterModelsState(incumbent=base, event="rolled_back"))
     assert {router.choose(request(i, "reverse abcd=")).model for i in ids} == {"zoo-small"}

@@ -95,3 +95,14 @@ def test_a_worker_given_stages_it_cannot_run_stops_with_a_clear_error(
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
+
+
+def test_feedback_reads_a_verdict_or_a_rating() -> None:
+    wrong = parser().parse_args(["feedback", "r1", "--tenant", "acme", "--wrong"])
+    assert (wrong.id, wrong.tenant, wrong.correct, wrong.rating) == ("r1", "acme", False, None)
+    right = parser().parse_args(["feedback", "r1", "--tenant", "acme", "--correct"])
+    assert right.correct is True
+    rated = parser().parse_args(["feedback", "r1", "--tenant", "acme", "--rating", "0.5"])
+    assert (rated.correct, rated.rating) == (None, 0.5)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["feedback", "r1", "--tenant", "acme", "--correct", "--wrong"])
