@@ -1,4 +1,5 @@
-"""Static checks of the deployment files: Dockerfile, docker-compose.yml and k8s/base.
+"""Static checks of the deployment files: Dockerfile and k8s/base (docker-compose.yml:
+test_compose.py).
 
 Nothing here runs a container or a cluster; the files are parsed and their structure is
 checked against each other and against the settings object, so that a renamed setting,
@@ -19,13 +20,11 @@ import yaml
 from topology.settings import ENV_PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S = ROOT / "k8s"
 BASE = K8S / "base"
 KUSTOMIZATION = BASE / "kustomization.yaml"
 
-SERVICES = {"kafka", "redis", "provider", "topics", "worker"}
 METRICS_PORT = 9100
 PROVIDER_PORT = 8089
 
@@ -43,15 +42,6 @@ def _command(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
-
-
-def _env(service: dict[str, Any]) -> dict[str, str]:
-    """A compose service's environment, whether written as a mapping or a list."""
-    raw = service.get("environment") or {}
-    if isinstance(raw, list):
-        pairs = (item.split("=", 1) for item in raw)
-        return {key: value for key, value in pairs}
-    return {str(k): "" if v is None else str(v) for k, v in raw.items()}
 
 
 def _bad_setting_keys(keys: list[str]) -> list[str]:
@@ -151,94 +141,6 @@ def test_dockerfile_copies_every_installed_package() -> None:
         return  # the whole context is copied
     assert "pyproject.toml" in copied
     assert packages <= copied, f"Dockerfile does not COPY {sorted(packages - copied)}"
-
-
-# --- docker-compose.yml ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    return _load_one(COMPOSE)
-
-
-def test_compose_spec_without_version(compose: dict[str, Any]) -> None:
-    assert "version" not in compose, "Compose Specification files carry no top-level version"
-    assert set(compose["services"]) == SERVICES
-
-
-def test_compose_kafka_is_single_node_kraft(compose: dict[str, Any]) -> None:
-    kafka = compose["services"]["kafka"]
-    assert kafka["image"] == "apache/kafka:4.1.1"
-    env = _env(kafka)
-    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-    assert "CONTROLLER" in env["KAFKA_CONTROLLER_LISTENER_NAMES"]
-    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
-    node = env["KAFKA_NODE_ID"]
-    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{node}@kafka:")
-    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
-    test = " ".join(_command(kafka["healthcheck"]["test"]))
-    assert "/opt/kafka/bin/kafka-topics.sh" in test and "--list" in test
-
-
-def test_compose_redis_healthcheck(compose: dict[str, Any]) -> None:
-    redis = compose["services"]["redis"]
-    assert redis["image"] == "redis:7"
-    test = _command(redis["healthcheck"]["test"])
-    assert "redis-cli" in test and "ping" in test
-
-
-def test_compose_app_services_use_the_built_image(compose: dict[str, Any]) -> None:
-    services = compose["services"]
-    for name in ("provider", "topics", "worker"):
-        assert "build" in services[name], f"{name} is not built from the Dockerfile"
-    provider = _command(services["provider"]["command"])
-    assert provider[:3] == ["python", "-m", "provider.simulated"]
-    assert provider[provider.index("--port") + 1] == str(PROVIDER_PORT)
-    assert provider[provider.index("--host") + 1] == "0.0.0.0"
-    assert _command(services["topics"]["command"]) == ["llmflow", "topics", "create"]
-    assert _command(services["worker"]["command"]) in ([], ["llmflow", "worker"])
-
-
-def test_compose_dependencies(compose: dict[str, Any]) -> None:
-    services = compose["services"]
-    topics = services["topics"]["depends_on"]
-    assert topics["kafka"]["condition"] == "service_healthy"
-    worker = services["worker"]["depends_on"]
-    assert isinstance(worker, dict), "worker depends_on needs conditions (long syntax)"
-    assert worker["topics"]["condition"] == "service_completed_successfully"
-    assert worker["redis"]["condition"] == "service_healthy"
-    assert worker["provider"]["condition"] == "service_started"
-    # kafka directly, or through topics (which waits for kafka to be healthy)
-    kafka = worker.get("kafka", {"condition": "service_healthy"})
-    assert kafka["condition"] == "service_healthy"
-
-
-def test_compose_worker_env_and_replicas(compose: dict[str, Any]) -> None:
-    worker = compose["services"]["worker"]
-    assert worker["deploy"]["replicas"] == 2
-    assert "container_name" not in worker, "a fixed container name breaks replicas"
-    for port in worker.get("ports", []):
-        assert str(METRICS_PORT) not in str(port).split(":")[0], "replicas share host ports"
-    settings = load_settings(environ=_env(worker))
-    assert settings.bootstrap_servers == "kafka:9092"
-    assert settings.redis_url == "redis://redis:6379/0"
-    assert settings.metrics_port == METRICS_PORT
-    url = urlsplit(settings.provider_url)
-    assert (url.hostname, url.port, url.path) == ("provider", PROVIDER_PORT, "/v1")
-    assert url.hostname in compose["services"]
-
-
-def test_compose_env_names_real_settings(compose: dict[str, Any]) -> None:
-    for name, service in compose["services"].items():
-        env = _env(service)
-        assert not _bad_setting_keys(list(env)), f"{name}: unknown settings"
-        if any(key.startswith(ENV_PREFIX) for key in env):
-            load_settings(environ=env)  # the values parse and validate
-
-
-def test_compose_topics_reaches_kafka(compose: dict[str, Any]) -> None:
-    settings = load_settings(environ=_env(compose["services"]["topics"]))
-    assert settings.bootstrap_servers == "kafka:9092"
 
 
 # --- k8s/base ----------------------------------------------------------------------------
