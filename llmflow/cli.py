@@ -32,6 +32,8 @@ from llmflow.demo import run_demo
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.export import write_json_schemas
 from schemas.messages import FeedbackEvent
+from streams import metrics
+from streams.forecast import run_scaler
 from topology.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -232,6 +234,14 @@ def cmd_warm(args: argparse.Namespace) -> int:
     return run(settings, requests, args.responses or settings.topics.responses.name)
 
 
+def cmd_scaler(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    asyncio.run(run_scaler(settings))
+    return 0
+
+
 async def _serve(settings: Settings) -> None:
     from llmflow.ingress import IngressServer
 
@@ -338,6 +348,12 @@ def parser() -> argparse.ArgumentParser:
     warm.add_argument("--responses", help="topic of their responses (default: responses topic)")
     warm.add_argument("--bootstrap")
     warm.set_defaults(func=cmd_warm)
+
+    scaler = sub.add_parser(
+        "scaler", help="forecast the request rate, export the replicas each group needs"
+    )
+    scaler.add_argument("--bootstrap")
+    scaler.set_defaults(func=cmd_scaler)
 
     schema = sub.add_parser("schema", help="write the JSON Schemas of the wire messages")
     schema.add_argument("--out", default="schemas/json")

@@ -9,6 +9,13 @@ command -v java >/dev/null || missing+=(default-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 # promtool checks the alert rules; the prometheus server scrapes a worker in a test.
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
+# kustomize renders k8s/ in the tests: a standalone one or kubectl's built-in one, else
+# built from its Go module (Debian's kubectl 1.20 embeds a kustomize too old for the
+# components k8s/ uses).
+if ! command -v kustomize >/dev/null && ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "installing kustomize (go install)" >&2
+  GOBIN=/usr/local/bin go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -618,6 +618,39 @@ class StatusSettings(Section):
     max_entries: int = Field(default=100_000, ge=1, description="per partition; oldest go")
 
 
+class ScalerGroup(Section):
+    """One deploy group (`DEPLOY_GROUPS`, k8s Deployment `llmflow-<group>`) as `llmflow
+    scaler` sizes it. `capacity_rps` is what one replica serves; measure it for your
+    models and hardware, the defaults are a starting point."""
+
+    capacity_rps: float = Field(gt=0, description="requests a second one replica serves")
+    min_replicas: int = Field(default=1, ge=0)
+
+
+def default_scaler_groups() -> dict[str, ScalerGroup]:
+    return {
+        "edge": ScalerGroup(capacity_rps=200.0),
+        "core": ScalerGroup(capacity_rps=100.0),
+        "infer": ScalerGroup(capacity_rps=20.0),
+        "respond": ScalerGroup(capacity_rps=400.0),
+    }
+
+
+class ScalerSettings(Section):
+    """Predictive scaling (`llmflow scaler`, `streams.forecast`): every `interval_s` the
+    requests topic's end offsets give arrivals per minute; Holt's double exponential
+    smoothing (`alpha` level, `beta` trend) over the last `history_minutes` forecasts the
+    rate `lookahead_s` ahead (the time a pod takes to start and join the group), and each
+    group's replicas follow that forecast, so capacity rises before the lag does."""
+
+    interval_s: float = Field(default=15.0, gt=0)
+    history_minutes: int = Field(default=60, ge=2)
+    alpha: float = Field(default=0.5, gt=0, le=1)
+    beta: float = Field(default=0.3, gt=0, le=1)
+    lookahead_s: float = Field(default=120.0, ge=0, description="pod start-up time")
+    groups: dict[str, ScalerGroup] = Field(default_factory=default_scaler_groups)
+
+
 class Settings(Section):
     app_id: str = "llmflow"
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -658,6 +691,7 @@ class Settings(Section):
     cancel: CancelSettings = CancelSettings()
     status: StatusSettings = StatusSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    scaler: ScalerSettings = ScalerSettings()
 
     @field_validator("worker_stages", mode="before")
     @classmethod
@@ -681,6 +715,9 @@ class Settings(Section):
         for table, stage in self.tables.items():
             if stage not in names:
                 raise ValueError(f"table {table!r} names stage {stage!r}, not in the graph")
+        unknown_groups = sorted(set(self.scaler.groups) - set(DEPLOY_GROUPS))
+        if unknown_groups:
+            raise ValueError(f"scaler.groups names unknown deploy groups {unknown_groups}")
         self._check_worker_stages()
         if self.semantic.enabled and not self.embedding.enabled:
             raise ValueError("semantic.enabled needs embedding.enabled: it matches embeddings")
