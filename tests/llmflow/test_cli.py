@@ -106,3 +106,12 @@ def test_feedback_reads_a_verdict_or_a_rating() -> None:
     assert (rated.correct, rated.rating) == (None, 0.5)
     with pytest.raises(SystemExit):
         parser().parse_args(["feedback", "r1", "--tenant", "acme", "--correct", "--wrong"])
+
+
+def test_serve_without_api_keys_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("LLMFLOW_INGRESS__API_KEYS", raising=False)
+    assert parser().parse_args(["serve", "--port", "0"]).port == 0
+    assert main(["serve", "--port", "0"]) == 2
+    assert "no API keys" in capsys.readouterr().err
