@@ -220,26 +220,3 @@ def test_worker_stages_splitting_the_table_sharing_stages_is_refused() -> None:
     with pytest.raises(ValueError, match=r"splits .* \(add \['route', 'postprocess', 'warm'\]\)"):
         Settings(worker_stages=["dedup", "cache"])
     assert Settings(worker_stages=[*sharing, "batch"]).runs("warm")
-
-
-def test_worker_stages_read_from_the_env_comma_separated_or_as_json() -> None:
-    assert Settings().worker_stages == [] and Settings().runs("batch")
-    split = load_settings(environ={"LLMFLOW_WORKER_STAGES": "preprocess, ratelimit"})
-    assert split.worker_stages == ["preprocess", "ratelimit"]
-    assert split.runs("ratelimit") and not split.runs("batch")
-    listed = load_settings(environ={"LLMFLOW_WORKER_STAGES": '["batch"]'})
-    assert listed.worker_stages == ["batch"]
-    assert load_settings(environ=to_env(listed)).worker_stages == ["batch"]
-
-
-def test_worker_stages_naming_an_unknown_stage_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"unknown stages \['bacth'\]"):
-        Settings(worker_stages=["preprocess", "bacth"])
-
-
-def test_worker_stages_splitting_the_table_sharing_stages_is_refused() -> None:
-    sharing = Settings().table_sharing_stages()
-    assert sharing == ["dedup", "cache", "route", "postprocess", "warm"]
-    with pytest.raises(ValueError, match=r"splits .* \(add \['route', 'postprocess', 'warm'\]\)"):
-        Settings(worker_stages=["dedup", "cache"])
-    assert Settings(worker_stages=[*sharing, "batch"]).runs("warm")
