@@ -84,15 +84,17 @@ async def read_partitions(
     """Every record `partitions` hold now: from their start to their end offsets as they
     are when the read begins, oldest first within each partition. `starts` and `stops`
     narrow that to [start, stop) where given (a replay's range); `progress` is told how
-    many records each fetch brought."""
+    many records each fetch brought. The last fetch's batches are kept whole past the end
+    offset: Tansu reports the end as one past the first record of the last batch."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign(partitions)
         firsts = await consumer.beginning_offsets(partitions)
         ends = await consumer.end_offsets(partitions)
+        stops = stops or {}
         for tp in partitions:
-            ends[tp] = min(ends[tp], (stops or {}).get(tp, ends[tp]))
+            ends[tp] = min(ends[tp], stops.get(tp, ends[tp]))
             consumer.seek(tp, max(firsts[tp], (starts or {}).get(tp, 0)))
         records: list[ConsumerRecord[bytes, bytes]] = []
 
@@ -103,7 +105,7 @@ async def read_partitions(
         while await behind():
             batches = await consumer.getmany(*partitions, timeout_ms=1000)
             for tp, batch in batches.items():
-                wanted = [r for r in batch if r.offset < ends[tp]]
+                wanted = [r for r in batch if tp not in stops or r.offset < stops[tp]]
                 records.extend(wanted)
                 if progress is not None:
                     progress(len(wanted))

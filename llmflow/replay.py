@@ -47,24 +47,28 @@ class Window:
     from_time: float | None = None
     to_time: float | None = None
 
-    def bounds(self, end: int, at_from: int | None, at_to: int | None) -> tuple[int, int]:
+    def bounds(self, end: int, at_from: int | None, at_to: int | None) -> tuple[int, int | None]:
         """[start, stop) offsets in a partition whose end offset is `end`, given the first
         offsets whose time is at or after from_time and to_time (None: no record is that
-        late)."""
+        late); stop None reads to the end."""
         start = self.from_offset or 0
-        stop = end if self.to_offset is None else min(end, self.to_offset)
         if self.from_time is not None:
             start = max(start, end if at_from is None else at_from)
-        if self.to_time is not None and at_to is not None:
-            stop = min(stop, at_to)
-        return start, max(start, stop)
+        stops = [self.to_offset, at_to if self.to_time is not None else None]
+        stop = min((s for s in stops if s is not None), default=None)
+        return start, None if stop is None else max(start, stop)
 
     def keeps(self, timestamp_ms: int) -> bool:
         """Producers stamp records, so times within a partition need not rise: the offset
-        bounds find the range, and this drops the stragglers inside it."""
-        at = timestamp_ms / 1000.0
-        after = self.from_time is None or at >= self.from_time
-        return after and (self.to_time is None or at < self.to_time)
+        bounds find the range, and this drops the stragglers inside it. Records are
+        stamped in whole milliseconds, so the bounds are compared as such."""
+        after = self.from_time is None or timestamp_ms >= millis(self.from_time)
+        return after and (self.to_time is None or timestamp_ms < millis(self.to_time))
+
+
+def millis(at: float) -> int:
+    """A unix time in seconds as Kafka stamps records: whole milliseconds."""
+    return math.floor(at * 1000)
 
 
 def pace(times_s: Sequence[float], speed: float, max_rate: float | None = None) -> list[float]:
@@ -123,13 +127,15 @@ async def select_records(
     finally:
         await consumer.stop()
     bounds = {tp: window.bounds(ends[tp], at_from[tp], at_to[tp]) for tp in partitions}
-    total = sum(stop - start for start, stop in bounds.values())
+    total = sum(
+        max(0, min(ends[tp], stop or ends[tp]) - start) for tp, (start, stop) in bounds.items()
+    )
     with tqdm(total=total, desc="reading", unit="record", disable=not progress) as bar:
         records = await read_partitions(
             bootstrap,
             partitions,
             starts={tp: start for tp, (start, _) in bounds.items()},
-            stops={tp: stop for tp, (_, stop) in bounds.items()},
+            stops={tp: stop for tp, (_, stop) in bounds.items() if stop is not None},
             progress=bar.update,
         )
     kept = [r for r in records if window.keeps(r.timestamp)]
@@ -141,8 +147,11 @@ async def _offsets_at(
 ) -> dict[TopicPartition, int | None]:
     if at is None:
         return dict.fromkeys(partitions)
-    found = await consumer.offsets_for_times({tp: int(at * 1000) for tp in partitions})
-    return {tp: None if hit is None else hit.offset for tp, hit in found.items()}
+    found = await consumer.offsets_for_times({tp: millis(at) for tp in partitions})
+    # Tansu answers "no record that late" with offset 0 and timestamp -1, Kafka with none.
+    return {
+        tp: None if hit is None or hit.timestamp < 0 else hit.offset for tp, hit in found.items()
+    }
 
 
 async def replay(
@@ -201,6 +210,7 @@ def parse_time(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", required=True, help="the shadow namespace to feed")
+    parser.add_argument("--source", default="live", help="the namespace whose requests to send")
     parser.add_argument("--from-time", type=parse_time, help="unix seconds or ISO 8601")
     parser.add_argument("--to-time", type=parse_time, help="exclusive")
     parser.add_argument("--from-offset", type=int, help="in every partition")
@@ -213,10 +223,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    live = load_settings(args.config)
+    settings = load_settings(args.config)
     if args.bootstrap:
-        live = live.model_copy(update={"bootstrap_servers": args.bootstrap})
-    shadow = namespace_settings(live, args.namespace)
+        settings = settings.model_copy(update={"bootstrap_servers": args.bootstrap})
+    live = namespace_settings(settings, args.source)
+    shadow = namespace_settings(settings, args.namespace)
     window = Window(args.from_offset, args.to_offset, args.from_time, args.to_time)
     report = asyncio.run(replay(live, shadow, window, args.speed, args.max_rate))
     print(

@@ -36,21 +36,21 @@ def test_pace_refuses_a_speed_that_is_not_positive() -> None:
 
 
 def test_an_open_window_is_the_whole_partition() -> None:
-    assert Window().bounds(50, None, None) == (0, 50)
+    assert Window().bounds(50, None, None) == (0, None)
 
 
-def test_offset_bounds_are_clipped_to_the_partition_end() -> None:
+def test_offset_bounds_are_taken_as_given() -> None:
     assert Window(from_offset=10, to_offset=20).bounds(50, None, None) == (10, 20)
-    assert Window(from_offset=10, to_offset=99).bounds(15, None, None) == (10, 15)
-    assert Window(from_offset=30).bounds(15, None, None) == (30, 30)
+    assert Window(from_offset=10, to_offset=99).bounds(15, None, None) == (10, 99)
+    assert Window(from_offset=30, to_offset=20).bounds(50, None, None) == (30, 30)
 
 
 def test_time_bounds_use_the_offsets_found_for_the_times() -> None:
     window = Window(from_time=1000.0, to_time=2000.0)
     assert window.bounds(50, 12, 40) == (12, 40)
     # No record at or after to_time: up to the end; none at or after from_time: nothing.
-    assert window.bounds(50, 12, None) == (12, 50)
-    assert window.bounds(50, None, None) == (50, 50)
+    assert window.bounds(50, 12, None) == (12, None)
+    assert window.bounds(50, None, None) == (50, None)
 
 
 def test_time_and_offset_bounds_combine_to_the_narrower() -> None:
@@ -68,6 +68,12 @@ def test_a_window_keeps_records_stamped_inside_its_times() -> None:
         False,
     ]
     assert Window().keeps(0)
+
+
+def test_a_record_stamped_in_the_millisecond_a_window_opens_is_inside_it() -> None:
+    window = Window(from_time=10.0004, to_time=20.0009)
+    assert window.keeps(10_000) and not window.keeps(9_999)
+    assert window.keeps(19_999) and not window.keeps(20_000)
 
 
 def test_the_shadow_copy_keeps_the_id_and_answers_on_the_shadow_topic() -> None:
