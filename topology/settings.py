@@ -40,7 +40,9 @@ class TopicSpec(Section):
 
 
 class Topics(Section):
-    """Wire topics; the stage topics are in `StageSpec`."""
+    """Wire topics; the stage topics are in `StageSpec`. The requests and responses topics
+    are also the replay record (`llmflow replay`, `llmflow evaluate`): their `retention_ms`
+    (`LLMFLOW_TOPICS__REQUESTS__RETENTION_MS`) is how far back a replay can reach."""
 
     requests: TopicSpec = TopicSpec(name="llm.requests")
     responses: TopicSpec = TopicSpec(name="llm.responses")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from llmflow.cli import parser
 from llmflow.client import new_request
 from llmflow.replay import REPLAYED_AT, Window, namespace_settings, pace, parse_time, shadow_copy
 from topology.settings import Settings
@@ -100,3 +101,12 @@ def test_times_are_unix_seconds_or_iso_8601_in_utc_by_default() -> None:
     assert parse_time("1700000000.5") == 1700000000.5
     assert parse_time("2023-11-14T22:13:20") == 1700000000.0
     assert parse_time("2023-11-14T23:13:20+01:00") == 1700000000.0
+
+
+def test_the_command_line_reads_a_range_and_a_pace() -> None:
+    line = "replay --namespace shadow --from-time 2023-11-14T22:13:20 --to-offset 40"
+    args = parser().parse_args([*line.split(), "--speed", "inf", "--max-rate", "50"])
+    assert (args.namespace, args.source) == ("shadow", "live")
+    assert (args.from_time, args.to_time) == (1700000000.0, None)
+    assert (args.from_offset, args.to_offset) == (None, 40)
+    assert math.isinf(args.speed) and args.max_rate == 50.0
