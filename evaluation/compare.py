@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from llmflow.admin import read_partitions
 from llmflow.demo import format_rows, percentile
-from llmflow.replay import REPLAYED_AT, namespace_settings
+from llmflow.replay import REPLAYED_AT, namespace_settings, settings_of
 from llmflow.reports import write_report
 from models.tasks import SIZES, Difficulty, Item, Task, check
 from schemas.messages import LLMRequest, LLMResponse, Status
-from topology.settings import Settings, load_settings
+from topology.settings import Settings
 
 ADD = re.compile(r"add (\d+)\+(\d+)=$")
 WORD = re.compile(r"(reverse|sort) ([a-z]+)=$")
@@ -332,6 +332,8 @@ async def load_run(settings: Settings, namespace: str, progress: bool = True) ->
             topic: [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
             for topic in topics
         }
+        if not partitions[topics[0]]:
+            raise ValueError(f"namespace {namespace!r}: no topic {topics[0]!r} on the brokers")
     finally:
         await consumer.stop()
     for topic, add in zip(topics, (run.add_request, run.add_response), strict=True):
@@ -357,10 +359,7 @@ async def evaluate(settings: Settings, baseline: str, candidate: str) -> Compari
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    if args.bootstrap:
-        settings = settings.model_copy(update={"bootstrap_servers": args.bootstrap})
-    comparison = asyncio.run(evaluate(settings, args.baseline, args.candidate))
+    comparison = asyncio.run(evaluate(settings_of(args), args.baseline, args.candidate))
     print(format_rows([(name, f"{b:>12}  {c}") for name, b, c in rows(comparison)]))
 
     def draw(path: Path) -> None:

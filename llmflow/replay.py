@@ -222,10 +222,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap")
 
 
-def run(args: argparse.Namespace) -> int:
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The pipeline's settings for `replay` and `evaluate`: `--config`, then `--bootstrap`."""
     settings = load_settings(args.config)
     if args.bootstrap:
         settings = settings.model_copy(update={"bootstrap_servers": args.bootstrap})
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_of(args)
     live = namespace_settings(settings, args.source)
     shadow = namespace_settings(settings, args.namespace)
     window = Window(args.from_offset, args.to_offset, args.from_time, args.to_time)
