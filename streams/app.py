@@ -89,7 +89,7 @@ class Pipeline:
         self._shared: dict[str, object] = {}
         self.bucketer = bucketer_for(settings)
         self.cache_store: CacheStore = open_cache_store(
-            settings.redis_url, settings.cache.max_entries_per_partition
+            settings.redis_url, settings.cache.max_entries_per_partition, settings.app_id
         )
         self.cancelled = CancelledSet(settings.cancel.remember_s, settings.cancel.max_remembered)
         self.app.task(self._watch_cancels)

@@ -24,12 +24,13 @@ class CacheStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_cache_store(redis_url: str | None, max_entries: int) -> CacheStore:
-    """Redis when configured, else a bounded in-process store (the embedded default)."""
+def open_cache_store(redis_url: str | None, max_entries: int, namespace: str) -> CacheStore:
+    """Redis when configured (keys under `namespace`), else a bounded in-process store (the
+    embedded default)."""
     if redis_url:
         from streams.drivers.redis_store import RedisCacheStore
 
-        return RedisCacheStore(redis_url)
+        return RedisCacheStore(redis_url, namespace)
     from streams.drivers.memory_store import MemoryCacheStore
 
     return MemoryCacheStore(max_entries)

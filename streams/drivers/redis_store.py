@@ -1,4 +1,7 @@
-"""L2 cache in Redis: one store shared by every worker, expiry done by Redis itself."""
+"""L2 cache in Redis: one store shared by every worker, expiry done by Redis itself.
+
+Keys start with the app id, so a shadow pipeline (`Settings.namespaced`) on the same Redis
+is never served the live pipeline's answers."""
 
 from __future__ import annotations
 
@@ -6,28 +9,26 @@ import hashlib
 
 import redis.asyncio as aioredis
 
-KEY_PREFIX = "llmflow:cache:"
-GROUP_PREFIX = "llmflow:group:"
-
-
-def _group_key(group: str) -> str:
-    """Groups are named by long context keys: hash them to a short Redis key."""
-    return GROUP_PREFIX + hashlib.sha256(group.encode()).hexdigest()[:40]
-
 
 class RedisCacheStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, namespace: str = "llmflow") -> None:
         self._redis = aioredis.Redis.from_url(url)
+        self.key_prefix = f"{namespace}:cache:"
+        self.group_prefix = f"{namespace}:group:"
+
+    def _group_key(self, group: str) -> str:
+        """Groups are named by long context keys: hash them to a short Redis key."""
+        return self.group_prefix + hashlib.sha256(group.encode()).hexdigest()[:40]
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._redis.get(KEY_PREFIX + key)
+        value = await self._redis.get(self.key_prefix + key)
         return value.encode() if isinstance(value, str) else value
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._redis.set(KEY_PREFIX + key, value, px=_millis(ttl_s))
+        await self._redis.set(self.key_prefix + key, value, px=_millis(ttl_s))
 
     async def push(self, group: str, value: bytes, ttl_s: float, keep: int) -> None:
-        key = _group_key(group)
+        key = self._group_key(group)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, value)
             pipe.ltrim(key, 0, keep - 1)
@@ -35,7 +36,7 @@ class RedisCacheStore:
             await pipe.execute()
 
     async def newest(self, group: str) -> list[bytes]:
-        values = await self._redis.lrange(_group_key(group), 0, -1)
+        values = await self._redis.lrange(self._group_key(group), 0, -1)
         return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def close(self) -> None:

@@ -44,6 +44,28 @@ async def test_groups_keep_the_newest_values_first(store: RedisCacheStore) -> No
     assert await store.newest("context:other") == []
 
 
+async def test_namespaces_do_not_share_answers_or_groups(redis_url: str) -> None:
+    live, shadow = RedisCacheStore(redis_url), RedisCacheStore(redis_url, "shadow-llmflow")
+    try:
+        await live.set("fingerprint", b"live answer", ttl_s=10.0)
+        await live.push("context:bucket", b"live record", ttl_s=10.0, keep=4)
+        assert await shadow.get("fingerprint") is None
+        assert await shadow.newest("context:bucket") == []
+        assert await live.get("fingerprint") == b"live answer"
+    finally:
+        await live.close()
+        await shadow.close()
+
+
+def test_a_namespaced_pipeline_keys_its_l2_by_its_own_app_id() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0")
+    stores = [Pipeline(s).cache_store for s in (settings, settings.namespaced("shadow-"))]
+    assert [store.key_prefix for store in stores if isinstance(store, RedisCacheStore)] == [
+        "llmflow:cache:",
+        "shadow-llmflow:cache:",
+    ]
+
+
 def faults(kind: str, fault: str) -> float:
     value: float = metrics.cache_faults.labels(kind, fault)._value.get()
     return value
