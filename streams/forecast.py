@@ -110,10 +110,23 @@ class ArrivalForecaster:
         """Replicas each group needs to serve `rate`, within [min_replicas, partitions]."""
         plan = {}
         for group, spec in self.scaler.groups.items():
-            wanted = math.ceil(rate / spec.capacity_rps)
             top = self.max_replicas[group]
-            plan[group] = max(min(spec.min_replicas, top), min(wanted, top))
+            wanted = useful_replicas(rate / spec.capacity_rps, top)
+            plan[group] = max(min(spec.min_replicas, top), wanted)
         return plan
+
+
+def useful_replicas(needed: float, partitions: int) -> int:
+    """The fewest replicas that serve `needed` replicas' worth of load, counting that the
+    busiest holds ceil(partitions / replicas) partitions: with 4 partitions a third replica
+    leaves two of them holding two each, as two replicas do, so 3 is never asked for."""
+    if needed <= 0:
+        return 0
+    for replicas in range(1, partitions + 1):
+        busiest = math.ceil(partitions / replicas)
+        if partitions / busiest >= needed:
+            return math.ceil(partitions / busiest)
+    return partitions
 
 
 def group_partitions(settings: Settings) -> dict[str, int]:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from streams.forecast import ArrivalForecaster, MinuteCounts, group_partitions, holt
+from streams.forecast import (
+    ArrivalForecaster,
+    MinuteCounts,
+    group_partitions,
+    holt,
+    useful_replicas,
+)
 from topology.settings import DEPLOY_GROUPS, ScalerGroup, ScalerSettings, Settings, TopicSpec
 
 START = 600_000.0  # the start of a minute
@@ -94,6 +100,23 @@ def test_replicas_are_clamped_to_min_and_partitions() -> None:
     # A minimum above the partitions would only add idle pods.
     tight = ArrivalForecaster(scaler(capacity=10.0, minimum=6), {"infer": 4})
     assert tight.replicas(0.0) == {"infer": 4}
+
+
+def test_replicas_are_rounded_up_to_counts_that_spread_the_partitions() -> None:
+    # With 4 partitions the busiest of 3 replicas holds 2, as with 2: 3 would add nothing.
+    assert [useful_replicas(needed, 4) for needed in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0)] == [
+        1,
+        1,
+        2,
+        2,
+        4,
+        4,
+        4,
+    ]
+    # With 12 partitions 5 replicas hold 3 at most, as 4 do; 6 hold 2.
+    assert [useful_replicas(needed, 12) for needed in (3.5, 4.5, 5.0, 6.5)] == [4, 6, 6, 12]
+    forecaster = ArrivalForecaster(scaler(capacity=10.0), {"infer": 4})
+    assert forecaster.replicas(25.0) == {"infer": 4}
 
 
 def test_a_falling_rate_never_forecasts_below_zero() -> None:
