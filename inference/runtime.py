@@ -6,6 +6,7 @@ one (onnxruntime): providers are picked at start from what the installed build o
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,18 @@ def pick_providers(device: Device = "auto", available: Sequence[str] | None = No
     if device == "cuda" and not gpu:
         raise ModelLoadError(f"device 'cuda' asked for, but ONNX Runtime offers only {offered}")
     chosen = gpu if device in ("auto", "cuda") else []
+    if chosen:
+        load_cuda_libraries()
     return [*chosen, "CPUExecutionProvider"]
+
+
+@functools.cache
+def load_cuda_libraries() -> None:
+    """onnxruntime-gpu finds CUDA and cuDNN installed from PyPI (the `cuda`, `cudnn` extras the
+    GPU image installs) only once they are preloaded; a host with its own CUDA needs nothing."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
 
 
 def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
