@@ -9,6 +9,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
 import faust
@@ -20,13 +21,15 @@ from streams import metrics
 from streams.cache_store import CacheStore, open_cache_store
 from streams.cancel import CancelledSet, watch_cancels
 from streams.drivers import kafka_transport
-from streams.locality import SemanticBucketer, bucketer_for
+from streams.locality import SemanticBucketer, bucketer_for, kafka_partition
 from topology.settings import KeyBy, Settings, StageSpec, TopicSpec
 
 MAX_REPLY_TOPICS = 1024
 log = logging.getLogger(__name__)
 StageHandler = Callable[[EventT[bytes], Envelope], Awaitable[None]]
 Shared = TypeVar("Shared")
+# The stage a handler runs for and the event it handles, for fused sends (`Pipeline.send`).
+handling: ContextVar[tuple[str, EventT[bytes]] | None] = ContextVar("handling", default=None)
 
 
 def raw_bytes(event: EventT[bytes]) -> bytes:
@@ -61,6 +64,12 @@ def destination(
     return key_of(envelope, spec.key_by), partition
 
 
+def partition_of(spec: StageSpec, bucketer: SemanticBucketer, envelope: Envelope) -> int:
+    """The partition of `spec`'s topic that `envelope` lands on when sent there."""
+    key, partition = destination(spec, bucketer, envelope)
+    return kafka_partition(key, spec.topic.partitions) if partition is None else partition
+
+
 class Pipeline:
     """One worker's view of the topology: the faust app, its topics and shared resources."""
 
@@ -87,6 +96,7 @@ class Pipeline:
         self.stream_topic = self._topic(settings.topics.stream)
         self._reply_topics: dict[str, TopicT] = {}
         self._shared: dict[str, object] = {}
+        self._handlers: dict[str, tuple[StageHandler, bool]] = {}
         self.bucketer = bucketer_for(settings)
         self.cache_store: CacheStore = open_cache_store(
             settings.redis_url, settings.cache.max_entries_per_partition, settings.app_id
@@ -163,16 +173,26 @@ class Pipeline:
         with the next one: one bad request never stalls a stage.
         """
 
+        self._handlers[stage] = (handle, screen)
+
         async def agent(stream: StreamT[bytes]) -> None:
             async for event, envelope in self.envelopes(stream, stage):
-                if screen and await self.screen(envelope, stage):
-                    continue
-                try:
-                    await handle(event, envelope)
-                except Exception as exc:
-                    await self.handle_crash(event, envelope, stage, exc)
+                await self._enter(stage, event, envelope)
 
         self.app.agent(self.stage_topics[stage], name=stage)(agent)
+
+    async def _enter(self, stage: str, event: EventT[bytes], envelope: Envelope) -> None:
+        handle, screen = self._handlers[stage]
+        token = handling.set((stage, event))
+        try:
+            if screen and await self.screen(envelope, stage):
+                return
+            try:
+                await handle(event, envelope)
+            except Exception as exc:
+                await self.handle_crash(event, envelope, stage, exc)
+        finally:
+            handling.reset(token)
 
     async def handle_crash(
         self, event: EventT[bytes], envelope: Envelope, stage: str, exc: Exception
@@ -195,8 +215,26 @@ class Pipeline:
         metrics.stage_latency.labels(stage).observe(envelope.stage_latency_ms[stage] / 1e3)
 
     async def send(self, stage: str, envelope: Envelope) -> None:
-        """Hand `envelope` to `stage`, keyed as the stage graph says."""
-        key, partition = destination(self.settings.stage(stage), self.bucketer, envelope)
+        """Hand `envelope` to `stage`, keyed as the stage graph says, or run `stage` on it
+        here and now when the stage at hand fuses with it (`Settings.fuses`) and the
+        envelope would land on the partition being handled: that stage's Tables then
+        write to the same partition as after a hop, and the event is acked only once
+        both stages are done with it (a crash replays the pair)."""
+        spec = self.settings.stage(stage)
+        current = handling.get()
+        if (
+            current is not None
+            and stage in self._handlers
+            and self.settings.fuses(current[0], stage)
+            and partition_of(spec, self.bucketer, envelope) == current[1].message.partition
+        ):
+            metrics.fused_sends.labels(current[0], stage).inc()
+            # A copy, as a hop would deliver: the sender may still change its own.
+            fused = envelope.model_copy(deep=True)
+            self.mark(fused, stage)
+            await self._enter(stage, current[1], fused)
+            return
+        key, partition = destination(spec, self.bucketer, envelope)
         await self.stage_topics[stage].send(key=key, value=dump(envelope), partition=partition)
 
     async def fail(

@@ -49,6 +49,11 @@ responses = Counter("llmflow_responses_total", "Terminal responses published", [
 stage_events = Counter(
     "llmflow_stage_events_total", "What each stage decided per request", ["stage", "outcome"]
 )
+fused_sends = Counter(
+    "llmflow_fused_sends_total",
+    "Requests a stage handed to the next in process, without a Kafka hop (Settings.fusion)",
+    ["stage", "next_stage"],
+)
 dead_letters = Counter("llmflow_dead_letters_total", "Messages sent to the DLQ", ["reason"])
 upstream_calls = Counter(
     "llmflow_upstream_calls_total", "Calls to model backends", ["model", "outcome"]

@@ -669,6 +669,11 @@ class Settings(Section):
         default_factory=list,
         description="the stages this worker runs (a JSON list or comma separated); empty: all",
     )
+    fusion: bool = Field(
+        default=False,
+        description="a stage hands a request to the next one in process, without a Kafka hop, "
+        "where both share key and partition count and this worker runs both (Settings.fuses)",
+    )
     data_dir: str = ".cache/worker"
     table_store: Literal["memory://", "rocksdb://"] = Field(
         default="memory://",
@@ -759,6 +764,19 @@ class Settings(Section):
     def runs(self, stage: str) -> bool:
         """Whether this worker attaches `stage` (`worker_stages` empty: every stage)."""
         return not self.worker_stages or stage in self.worker_stages
+
+    def fuses(self, sender: str, receiver: str) -> bool:
+        """Whether `sender` may call `receiver` in process: with fusion on, a request keeps
+        its key and partition number across the two topics, so the receiver's Tables are
+        those of the partition at hand; a stage never fuses into itself."""
+        specs = {s.name: s for s in self.stages}
+        if not self.fusion or sender == receiver or not self.runs(receiver):
+            return False
+        before, after = specs.get(sender), specs.get(receiver)
+        if before is None or after is None:
+            return False
+        same_partitions = before.topic.partitions == after.topic.partitions
+        return before.key_by == after.key_by and same_partitions
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:

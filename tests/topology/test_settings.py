@@ -220,3 +220,19 @@ def test_worker_stages_splitting_the_table_sharing_stages_is_refused() -> None:
     with pytest.raises(ValueError, match=r"splits .* \(add \['route', 'postprocess', 'warm'\]\)"):
         Settings(worker_stages=["dedup", "cache"])
     assert Settings(worker_stages=[*sharing, "batch"]).runs("warm")
+
+
+def test_fusion_joins_stages_of_one_key_and_partition_count_that_this_worker_runs() -> None:
+    assert not Settings().fuses("dedup", "cache")
+    fused = Settings(fusion=True)
+    assert fused.fuses("dedup", "cache") and fused.fuses("cache", "route")
+    assert fused.fuses("route", "postprocess")
+    assert not fused.fuses("ratelimit", "dedup")  # tenant, then locality
+    assert not fused.fuses("route", "batch")  # locality, then model
+    assert not fused.fuses("dedup", "dedup") and not fused.fuses("preprocess", "ratelimit")
+    assert fused.fuses("respond", "feedback")
+    assert not Settings(fusion=True, worker_stages=["respond"]).fuses("respond", "feedback")
+    stages = [s.model_copy() for s in fused.stages]
+    cache = next(s for s in stages if s.name == "cache")
+    cache.topic = cache.topic.model_copy(update={"partitions": 12})
+    assert not fused.model_copy(update={"stages": stages}).fuses("dedup", "cache")
