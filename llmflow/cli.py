@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from bench import batching as bench_batching
 from bench import faults as bench_faults
 from bench import locality as bench_locality
+from bench import peer as bench_peer
 from evaluation import compare as eval_compare
 from evaluation.pairs import evaluate as eval_pairs
 from evaluation.replay import run as eval_replay
@@ -376,6 +377,9 @@ def parser() -> argparse.ArgumentParser:
     faults = bench_sub.add_parser("faults", help="answers in time under provider faults")
     bench_faults.add_arguments(faults)
     faults.set_defaults(func=bench_faults.run)
+    peer = bench_sub.add_parser("peer", help="llmflow beside the LiteLLM proxy, same workload")
+    bench_peer.add_arguments(peer)
+    peer.set_defaults(func=bench_peer.run)
 
     pairs = sub.add_parser("eval-pairs", help="the semantic cache on labelled prompt pairs")
     eval_pairs.add_arguments(pairs)
