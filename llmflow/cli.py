@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from bench import batching as bench_batching
 from bench import faults as bench_faults
+from bench import fuzz as bench_fuzz
 from bench import locality as bench_locality
 from bench import peer as bench_peer
 from evaluation import compare as eval_compare
@@ -377,6 +378,9 @@ def parser() -> argparse.ArgumentParser:
     faults = bench_sub.add_parser("faults", help="answers in time under provider faults")
     bench_faults.add_arguments(faults)
     faults.set_defaults(func=bench_faults.run)
+    fuzz = bench_sub.add_parser("fuzz", help="malformed messages against a running worker")
+    bench_fuzz.add_arguments(fuzz)
+    fuzz.set_defaults(func=bench_fuzz.run)
     peer = bench_sub.add_parser("peer", help="llmflow beside the LiteLLM proxy, same workload")
     bench_peer.add_arguments(peer)
     peer.set_defaults(func=bench_peer.run)
