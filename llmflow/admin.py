@@ -20,12 +20,15 @@ async def create_topics(settings: Settings) -> list[str]:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # Writes (acks=all) need all replicas in sync but one: a broker may die, none is lost.
+        replicas = settings.replication_factor
+        replicated = {"min.insync.replicas": str(replicas - 1)} if replicas > 2 else {}
         wanted = [
             NewTopic(
                 name=spec.name,
                 num_partitions=spec.partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs=spec.kafka_config(),
+                topic_configs={**spec.kafka_config(), **replicated},
             )
             for spec in settings.all_topics()
             if spec.name not in existing

@@ -281,10 +281,11 @@ class RedisServer(_ProcessServer):
 
 
 class KafkaBroker(Managed):
-    """Real Apache Kafka (KRaft, single combined node) started through ``scripts/kafka.sh``.
+    """Real Apache Kafka (KRaft) started through ``scripts/kafka.sh``: one combined node, or
+    with ``nodes`` > 1 a cluster of combined broker+controller nodes (a quorum of all).
 
-    The JVM is detached (it must outlive the shell script), so it is stopped through
-    ``kafka.sh stop DIR``, which signals exactly the pid recorded in ``DIR/kafka.pid``.
+    The JVMs are detached (they must outlive the shell script), so they are stopped through
+    ``kafka.sh stop DIR``, which signals exactly the pids recorded in the nodes' kafka.pid.
     """
 
     def __init__(
@@ -292,8 +293,10 @@ class KafkaBroker(Managed):
         directory: str | os.PathLike[str] | None = None,
         script: str | os.PathLike[str] = KAFKA_SCRIPT,
         start_timeout: float = 180.0,
+        nodes: int = 1,
     ) -> None:
         self.script = Path(script)
+        self.nodes = nodes
         self.start_timeout = start_timeout
         self._given_dir = Path(directory) if directory is not None else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -331,7 +334,9 @@ class KafkaBroker(Managed):
             self._tmp = tempfile.TemporaryDirectory(prefix="llmflow-kafka-")
             self.directory = Path(self._tmp.name)
         try:
-            result = self._run("start", str(self.directory), timeout=self.start_timeout)
+            result = self._run(
+                "start", str(self.directory), str(self.nodes), timeout=self.start_timeout
+            )
         except BaseException:
             self.stop()
             raise
@@ -344,13 +349,26 @@ class KafkaBroker(Managed):
 
     @property
     def pid(self) -> int | None:
-        """Pid of the broker JVM as recorded by kafka.sh, if running."""
+        """Pid of the broker JVM as recorded by kafka.sh, if running (node 1 of a cluster)."""
+        return self.node_pid(1)
+
+    def node_pid(self, node: int) -> int | None:
+        """Pid of node `node` (1-based) as recorded by kafka.sh, if running."""
         if self.directory is None:
             return None
+        node_dir = self.directory if self.nodes == 1 else self.directory / f"node-{node}"
         try:
-            return int((self.directory / "kafka.pid").read_text().strip())
+            return int((node_dir / "kafka.pid").read_text().strip())
         except (OSError, ValueError):
             return None
+
+    def kill_node(self, node: int) -> None:
+        """SIGKILL node `node` of a cluster, as a crash would; its data stays."""
+        self._run("kill", str(self.directory), str(node), timeout=60)
+
+    def restart_node(self, node: int) -> None:
+        """Start a killed node again on its old ports and data."""
+        self._run("restart", str(self.directory), str(node), timeout=self.start_timeout)
 
     def stop(self) -> None:
         """Stop the broker started into ``directory`` (idempotent)."""

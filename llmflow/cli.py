@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from bench import batching as bench_batching
 from bench import faults as bench_faults
+from bench import kill as bench_kill
 from bench import fuzz as bench_fuzz
 from bench import locality as bench_locality
 from bench import peer as bench_peer
@@ -378,6 +379,9 @@ def parser() -> argparse.ArgumentParser:
     faults = bench_sub.add_parser("faults", help="answers in time under provider faults")
     bench_faults.add_arguments(faults)
     faults.set_defaults(func=bench_faults.run)
+    kill = bench_sub.add_parser("kill", help="SIGKILL a worker under load on Apache Kafka")
+    bench_kill.add_arguments(kill)
+    kill.set_defaults(func=bench_kill.run)
     fuzz = bench_sub.add_parser("fuzz", help="malformed messages against a running worker")
     bench_fuzz.add_arguments(fuzz)
     fuzz.set_defaults(func=bench_fuzz.run)

@@ -187,7 +187,11 @@ class LLMFlowClient:
         self.duplicates = 0
         self._pending: dict[str, asyncio.Future[LLMResponse]] = {}
         self._answered: OrderedDict[str, None] = OrderedDict()
-        self._producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=0)
+        # acks="all": a request is sent once every in-sync replica has it, so a broker's
+        # crash cannot lose it.
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, linger_ms=0, acks="all"
+        )
         self._consumer = self._tail_consumer()
         self._listener: asyncio.Task[None] | None = None
         self._streams: dict[str, Streamed] = {}

@@ -87,6 +87,8 @@ class Pipeline:
             store=settings.table_store,
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
+            processing_guarantee=settings.processing_guarantee,
+            broker_session_timeout=settings.session_timeout_s,
             stream_wait_empty=False,
             producer_linger=0.0,
         )

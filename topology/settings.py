@@ -658,6 +658,13 @@ class Settings(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     consumer_fetch_max_wait_ms: int = 5
     replication_factor: int = Field(default=1, ge=1, description="of every topic created")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description="faust's: exactly_once needs transactions (Apache Kafka, not Tansu)",
+    )
+    session_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long the group waits for a silent worker"
+    )
     redis_url: str | None = None
     provider_url: str = "http://127.0.0.1:8089/v1"
     provider_api_key: str = "sim"
