@@ -35,6 +35,7 @@ def build_response(envelope: Envelope, now: float) -> LLMResponse:
         merged_with=envelope.merged_with,
         merge_kind=envelope.merge_kind,
         latency_ms=round((now - envelope.received_at) * 1000.0, 3),
+        upstream_ms=round(envelope.upstream_ms, 3),
         stage_latency_ms={k: round(v, 3) for k, v in envelope.stage_latency_ms.items()},
         error=error,
     )

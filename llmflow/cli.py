@@ -22,6 +22,7 @@ from bench import kill as bench_kill
 from bench import fuzz as bench_fuzz
 from bench import locality as bench_locality
 from bench import peer as bench_peer
+from bench import pipeline as bench_pipeline
 from evaluation import compare as eval_compare
 from evaluation.pairs import evaluate as eval_pairs
 from evaluation.replay import run as eval_replay
@@ -388,6 +389,9 @@ def parser() -> argparse.ArgumentParser:
     peer = bench_sub.add_parser("peer", help="llmflow beside the LiteLLM proxy, same workload")
     bench_peer.add_arguments(peer)
     peer.set_defaults(func=bench_peer.run)
+    pipeline = bench_sub.add_parser("pipeline", help="overhead, max req/s, fusion off and on")
+    bench_pipeline.add_arguments(pipeline)
+    pipeline.set_defaults(func=bench_pipeline.run)
 
     pairs = sub.add_parser("eval-pairs", help="the semantic cache on labelled prompt pairs")
     eval_pairs.add_arguments(pairs)

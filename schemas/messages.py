@@ -171,6 +171,11 @@ class LLMResponse(WireModel):
     usage: Usage = Field(default_factory=Usage)
     cost_usd: float = 0.0
     latency_ms: float = 0.0
+    upstream_ms: float = Field(
+        default=0.0,
+        description="of latency_ms, the time in model calls: the pipeline's own overhead is "
+        "the rest (0 for a cache hit; a merged follower waited on its leader's calls)",
+    )
     stage_latency_ms: dict[str, float] = Field(default_factory=dict)
     error: ErrorInfo | None = None
     created_at: float = Field(default_factory=time.time)

@@ -166,3 +166,11 @@ def test_followers_and_cache_hits_stream_their_own_chunks() -> None:
     follower.merged_with = "leader-id"
     assert chunks_sent_by_infer(follower) == 0
     assert chunks_sent_by_infer(envelope(Status.CACHED, streamed.model_copy())) == 0
+
+
+def test_the_response_says_how_much_of_its_latency_was_the_model_calls() -> None:
+    called = envelope(Status.OK, result())
+    called.upstream_ms = 212.34567
+    response = build_response(called, now=100.5)
+    assert response.upstream_ms == 212.346 and response.latency_ms == 500.0
+    assert build_response(envelope(Status.CACHED, result("l1")), now=100.5).upstream_ms == 0.0

@@ -129,8 +129,13 @@ def run_with(rate: float, latency_ms: float, answered: bool = True) -> LoadRun:
 def test_sustain_criteria_name_each_failure() -> None:
     criteria = SustainCriteria(max_p99_ms=100.0)
     assert criteria.failures(run_with(50, 10)) == []
-    slow = criteria.failures(run_with(50, 500))
-    assert len(slow) == 2 and slow[1].startswith("p99 500 ms")
+    [slow] = criteria.failures(run_with(50, 500))
+    assert slow.startswith("p99 500 ms")
+    behind = run_with(50, 10)
+    falling = [Sample(s.item, s.sent_at, s.sent_at * 2 + 0.01, s.outcome) for s in behind.samples]
+    assert criteria.failures(LoadRun(50, falling))[0].startswith("answers 25 req/s < 48")
+    lucky = LoadRun(60, behind.samples, scheduled_rps=50.0)
+    assert criteria.failures(lucky) == []
     assert any(r.startswith("answered 0.0%") for r in criteria.failures(run_with(50, 10, False)))
     late_sender = LoadRun(100, run_with(50, 10).samples)
     assert criteria.failures(late_sender)[0].startswith("sent 50 req/s")

@@ -1,0 +1,326 @@
+"""`llmflow bench pipeline`: end-to-end latency, the pipeline's own overhead and the highest
+rate it keeps up with, on the embedded stack `llmflow up` runs.
+
+Tansu, Redis, the simulated provider (`--latency-ms`) and `--workers` workers start as
+`llmflow up` starts them; a client sends a ShareGPT workload (`bench.load`) at Poisson
+arrivals. Overhead is each answer's end-to-end latency, measured by the sender, less its
+provider time (`LLMResponse.upstream_ms`: 0 for a cache hit; unknown, and left out, for a
+merged follower, which waited on its leader's call). The max sustained rate is the
+highest rate whose run keeps its send rate, answers 99 % of requests, keeps answers at
+the send rate and keeps p99 under the provider latency plus `--max-overhead-p99-ms`
+(`bench.load.SustainCriteria`). `--compare-fusion` runs it all with stage fusion off and
+on, each on a fresh stack, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bench.load import (
+    LoadRun,
+    Outcome,
+    SustainCriteria,
+    WorkItem,
+    WorkloadSpec,
+    build_workload,
+    max_sustained_rate,
+    open_loop,
+    summary_ms,
+)
+from llmflow.client import LLMFlowClient
+from llmflow.reports import write_report
+from schemas.messages import ChatMessage, GenerationParams, LLMRequest, LLMResponse, Status
+from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates, Settings, load_settings
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+WARM_UP_REQUESTS = 40
+WARM_UP_RPS = 20.0
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """CPU seconds (user + system) and resident memory of one process, from /proc."""
+
+    cpu_s: float
+    rss_bytes: int
+
+
+def process_usage(pid: int) -> ProcessUsage:
+    with open(f"/proc/{pid}/stat") as handle:
+        # The command name may hold spaces; the fields after its closing parenthesis do not.
+        fields = handle.read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/statm") as handle:
+        resident_pages = int(handle.read().split()[1])
+    utime, stime = int(fields[11]), int(fields[12])
+    return ProcessUsage((utime + stime) / CLOCK_TICKS, resident_pages * PAGE_BYTES)
+
+
+class ResourceMeter:
+    """Workers' CPU share and peak memory between `start` and `stop`, sampled every
+    `interval_s` (the peak RSS needs samples; CPU time is cumulative)."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.5) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self.peak_rss: dict[int, int] = {}
+        self._first: dict[int, ProcessUsage] = {}
+        self._started = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def _sample(self) -> dict[int, ProcessUsage]:
+        usage = {pid: process_usage(pid) for pid in self.pids}
+        for pid, now in usage.items():
+            self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), now.rss_bytes)
+        return usage
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self._sample()
+
+    def start(self) -> None:
+        self._first = self._sample()
+        self._started = time.monotonic()
+        self._task = asyncio.create_task(self._run())
+
+    def stop(self) -> dict[str, Any]:
+        """Per worker and in all: CPU as % of one core, peak RSS in MiB."""
+        if self._task is not None:
+            self._task.cancel()
+        last = self._sample()
+        wall = max(time.monotonic() - self._started, 1e-9)
+        cpu = {pid: 100.0 * (last[pid].cpu_s - self._first[pid].cpu_s) / wall for pid in self.pids}
+        return {
+            "cpu_percent_of_one_core": round(sum(cpu.values()), 1),
+            "peak_rss_mib": round(sum(self.peak_rss.values()) / 2**20, 1),
+            "workers": [
+                {
+                    "pid": pid,
+                    "cpu_percent": round(cpu[pid], 1),
+                    "peak_rss_mib": round(self.peak_rss[pid] / 2**20, 1),
+                }
+                for pid in self.pids
+            ],
+        }
+
+
+def outcome_of(response: LLMResponse) -> Outcome:
+    """A merged follower's provider time is its leader's, which its answer does not carry."""
+    status = response.status.value
+    if response.status is Status.ERROR and response.error is not None:
+        status = f"error_{response.error.code.value}"
+    provider_ms = None if response.status is Status.MERGED else response.upstream_ms
+    return Outcome(status, provider_ms, dict(response.stage_latency_ms))
+
+
+def to_request(item: WorkItem) -> LLMRequest:
+    return LLMRequest(
+        id=item.id,
+        tenant=item.tenant,
+        messages=[ChatMessage.model_validate(m) for m in item.messages],
+        params=GenerationParams(max_tokens=item.max_tokens),
+    )
+
+
+def run_summary(run: LoadRun) -> dict[str, Any]:
+    """What one open-loop run measured, in the report's terms."""
+    latency, overhead = summary_ms(run.latencies_ms()), summary_ms(run.overheads_ms())
+    return {
+        "rate_rps": run.target_rps,
+        "sent_rps": round(run.sent_rps, 1),
+        "answered_rps": round(run.answered_rps, 1),
+        "requests": len(run.samples),
+        "answered_share": round(run.answered_share, 4),
+        "statuses": run.statuses(),
+        "latency_ms": latency,
+        "overhead_ms": overhead,
+        "overhead_p50_ms": overhead["p50"],
+        "overhead_p99_ms": overhead["p99"],
+        "stage_ms": {stage: summary_ms(v) for stage, v in sorted(run.stage_ms().items())},
+    }
+
+
+def bench_settings(base: Settings, fusion: bool, embed: bool) -> Settings:
+    """Limits far above any rate tried, so the bench measures the path, not the limiter."""
+    limit = RateLimit(burst=1e6, per_second=1e6)
+    ratelimit = base.ratelimit.model_copy(
+        update={
+            "default": Quota(tenant=Rates(requests=limit), reserve=0.0),
+            "adaptive": AdaptiveLimit(enabled=False),
+        }
+    )
+    return base.model_copy(
+        update={
+            "fusion": fusion,
+            "ratelimit": ratelimit,
+            "embedding": base.embedding.model_copy(update={"enabled": embed}),
+            "semantic": base.semantic.model_copy(update={"enabled": embed}),
+        }
+    )
+
+
+async def measure(settings: Settings, pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, run the open loop at `args.rate` with the workers metered, then search the
+    max sustained rate; every run uses its own tenants, so none hits another's cache."""
+    spec = WorkloadSpec(
+        count=0,
+        duplicate_share=args.duplicate_share,
+        near_duplicate_share=args.near_duplicate_share,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    async with LLMFlowClient(settings) as client:
+
+        async def send(item: WorkItem) -> Outcome:
+            future = await client.submit(to_request(item))
+            return outcome_of(await future)
+
+        async def run_at(rate: float, seconds: float, tag: str) -> LoadRun:
+            count = max(1, round(rate * seconds))
+            items = build_workload(replace(spec, count=count, tenant_prefix=tag))
+            return await open_loop(send, items, rate, args.seed, args.timeout_s)
+
+        warm = await run_at(WARM_UP_RPS, WARM_UP_REQUESTS / WARM_UP_RPS, "warm-up")
+        meter = ResourceMeter(pids)
+        meter.start()
+        main = await run_at(args.rate, args.duration, "main")
+        resources = meter.stop()
+        criteria = SustainCriteria(max_p99_ms=args.latency_ms + args.max_overhead_p99_ms)
+        trials = itertools.count()
+        search = await max_sustained_rate(
+            lambda rate: run_at(rate, args.search_duration, f"search-{next(trials)}"),
+            criteria,
+            args.search_start,
+            args.search_max,
+            args.search_steps,
+        )
+    return {
+        **run_summary(main),
+        "warm_up": {"requests": len(warm.samples), "statuses": warm.statuses()},
+        "workers": resources,
+        "max_sustained_rps": search.max_sustained_rps,
+        "search": [
+            {
+                "rate_rps": t.rate_rps,
+                "sustained": t.sustained,
+                "why_not": t.reasons,
+                "answered_rps": round(t.run.answered_rps, 1),
+                "latency_p99_ms": summary_ms(t.run.latencies_ms())["p99"],
+            }
+            for t in search.trials
+        ],
+    }
+
+
+def run_one(base: Settings, fusion: bool, args: argparse.Namespace) -> dict[str, Any]:
+    from llmflow.cli import _embedded  # here: the CLI imports this module
+
+    settings = bench_settings(base, fusion, args.embed)
+    provider_args = ["--latency-ms", str(args.latency_ms), "--latency-jitter-ms", "0"]
+    with _embedded(settings, args.workers, provider_args) as (running, workers):
+        pids = [p.pid for p in workers.processes]
+        result = asyncio.run(measure(running, pids, args))
+    return {"fusion": fusion, **result}
+
+
+COMPARED = (
+    ("overhead p50 ms", "overhead_p50_ms"),
+    ("overhead p99 ms", "overhead_p99_ms"),
+    ("latency p50 ms", ("latency_ms", "p50")),
+    ("latency p99 ms", ("latency_ms", "p99")),
+    ("answered req/s", "answered_rps"),
+    ("max sustained req/s", "max_sustained_rps"),
+    ("worker CPU % of a core", ("workers", "cpu_percent_of_one_core")),
+    ("worker peak RSS MiB", ("workers", "peak_rss_mib")),
+)
+
+
+def value_at(run: dict[str, Any], key: str | tuple[str, str]) -> float:
+    if isinstance(key, tuple):
+        return float(run[key[0]][key[1]])
+    return float(run[key])
+
+
+def ratio(fused: float, unfused: float) -> float | None:
+    return round(fused / unfused, 3) if unfused else None
+
+
+def comparison(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float | None]]:
+    """A table of each run's headline numbers and, with two runs, fused / unfused."""
+    names = list(runs)
+    header = f"{'':24}" + "".join(f"{n:>12}" for n in names)
+    ratios: dict[str, float | None] = {}
+    lines = [header + (f"{'fused/unfused':>15}" if len(runs) == 2 else "")]
+    for label, key in COMPARED:
+        values = [value_at(runs[n], key) for n in names]
+        line = f"{label:24}" + "".join(f"{v:>12.1f}" for v in values)
+        if len(runs) == 2:
+            name = key if isinstance(key, str) else "_".join(key)
+            ratios[name] = ratio(values[1], values[0])
+            line += f"{ratios[name] or 0:>15.3f}"
+        lines.append(line)
+    stages = sorted({s for r in runs.values() for s in r["stage_ms"]})
+    for stage in stages:
+        values = [runs[n]["stage_ms"].get(stage, {}).get("p50", 0.0) for n in names]
+        lines.append(f"{'stage ' + stage + ' p50 ms':24}" + "".join(f"{v:>12.1f}" for v in values))
+    return "\n".join(lines), ratios
+
+
+def run(args: argparse.Namespace) -> int:
+    base = load_settings(args.config)
+    fusions = (False, True) if args.compare_fusion else (base.fusion,)
+    runs = {("fused" if f else "unfused"): run_one(base, f, args) for f in fusions}
+    table, ratios = comparison(runs)
+    print(table)
+    primary = runs["fused" if base.fusion else "unfused"]
+    report = {
+        "benchmark": "pipeline",
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "workers": args.workers,
+        "provider_latency_ms": args.latency_ms,
+        "duration_s": args.duration,
+        "duplicate_share": args.duplicate_share,
+        "near_duplicate_share": args.near_duplicate_share,
+        "embedding": args.embed,
+        "sustained_when": {
+            "sent_rps_at_least": "95% of the rate",
+            "answered_share_at_least": 0.99,
+            "answered_rps_at_least": "95% of the rate",
+            "latency_p99_ms_at_most": args.latency_ms + args.max_overhead_p99_ms,
+        },
+        "rate_rps": primary["rate_rps"],
+        "overhead_p50_ms": primary["overhead_p50_ms"],
+        "overhead_p99_ms": primary["overhead_p99_ms"],
+        "max_sustained_rps": primary["max_sustained_rps"],
+        "runs": runs,
+        "fused_over_unfused": ratios,
+    }
+    write_report(report, args.json)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default="out/pipeline.json")
+    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's")
+    parser.add_argument("--duplicate-share", type=float, default=0.1)
+    parser.add_argument("--near-duplicate-share", type=float, default=0.1)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--embed", action="store_true", help="embed: near-duplicates can merge")
+    parser.add_argument("--timeout-s", type=float, default=60.0, help="a request given up after")
+    parser.add_argument("--search-start", type=float, default=250.0, help="first rate tried")
+    parser.add_argument("--search-max", type=float, default=8000.0)
+    parser.add_argument("--search-duration", type=float, default=10.0, help="seconds per trial")
+    parser.add_argument("--search-steps", type=int, default=3, help="bisections after doubling")
+    parser.add_argument("--max-overhead-p99-ms", type=float, default=1000.0)
+    parser.add_argument("--compare-fusion", action="store_true", help="fusion off, then on")
+    parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,104 @@
+import argparse
+import os
+
+import pytest
+
+from bench.load import LoadRun, Outcome, Sample, WorkItem
+from bench.pipeline import (
+    ResourceMeter,
+    add_arguments,
+    bench_settings,
+    comparison,
+    outcome_of,
+    process_usage,
+    run_summary,
+    to_request,
+)
+from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status
+from topology.settings import Settings
+
+ITEM = WorkItem("i-1", "acme", [{"role": "user", "content": "why?"}], 16, "unique")
+
+
+def test_process_usage_reads_cpu_time_and_memory_of_a_pid() -> None:
+    usage = process_usage(os.getpid())
+    assert usage.cpu_s > 0 and usage.rss_bytes > 10 * 2**20
+
+
+async def test_resource_meter_reports_cpu_share_and_peak_rss() -> None:
+    meter = ResourceMeter([os.getpid()], interval_s=0.01)
+    meter.start()
+    total = 0
+    for i in range(3_000_000):
+        total += i
+    report = meter.stop()
+    assert total > 0
+    assert report["cpu_percent_of_one_core"] > 0
+    assert report["peak_rss_mib"] > 10
+    assert report["workers"][0]["pid"] == os.getpid()
+
+
+def test_outcome_takes_provider_time_except_from_a_merged_follower() -> None:
+    ok = LLMResponse(id="a", status=Status.OK, upstream_ms=50.0, stage_latency_ms={"route": 2.0})
+    assert outcome_of(ok) == Outcome("ok", 50.0, {"route": 2.0})
+    assert outcome_of(LLMResponse(id="a", status=Status.CACHED)).provider_ms == 0.0
+    assert outcome_of(LLMResponse(id="a", status=Status.MERGED)).provider_ms is None
+    error = ErrorInfo(code=ErrorCode.TIMEOUT, reason="deadline_exceeded", message="late")
+    assert outcome_of(LLMResponse(id="a", status=Status.ERROR, error=error)).status == (
+        "error_timeout"
+    )
+
+
+def test_work_items_become_requests_with_their_token_limit() -> None:
+    request = to_request(ITEM)
+    assert (request.id, request.tenant, request.params.max_tokens) == ("i-1", "acme", 16)
+    assert request.last_user_turn() == "why?"
+
+
+def test_bench_settings_lift_the_limits_and_set_fusion() -> None:
+    settings = bench_settings(Settings(), fusion=True, embed=True)
+    assert settings.fusion and settings.embedding.enabled and settings.semantic.enabled
+    limit = settings.ratelimit.default.tenant.requests
+    assert limit is not None and limit.per_second >= 1e6
+    assert not settings.ratelimit.adaptive.enabled
+    assert not bench_settings(Settings(), fusion=False, embed=False).fusion
+
+
+def summary(latency_ms: float, provider_ms: float) -> dict[str, object]:
+    samples = [
+        Sample(ITEM, float(i), i + latency_ms / 1000, Outcome("ok", provider_ms, {"dedup": 1.0}))
+        for i in range(10)
+    ]
+    return run_summary(LoadRun(1.0, samples))
+
+
+def test_run_summary_has_the_reported_keys_and_overhead_net_of_the_provider() -> None:
+    report = summary(120.0, 100.0)
+    assert report["overhead_p50_ms"] == pytest.approx(20.0)
+    assert report["overhead_p99_ms"] == pytest.approx(20.0)
+    assert report["rate_rps"] == 1.0 and report["answered_share"] == 1.0
+    assert report["stage_ms"] == {
+        "dedup": {"p50": 1.0, "p95": 1.0, "p99": 1.0, "max": 1.0, "mean": 1.0, "count": 10}
+    }
+
+
+def test_comparison_prints_both_runs_and_fused_over_unfused_ratios() -> None:
+    runs = {}
+    for name, latency in (("unfused", 150.0), ("fused", 120.0)):
+        run = summary(latency, 100.0)
+        runs[name] = {
+            **run,
+            "max_sustained_rps": 100.0 if name == "unfused" else 150.0,
+            "workers": {"cpu_percent_of_one_core": 50.0, "peak_rss_mib": 100.0},
+        }
+    table, ratios = comparison(runs)
+    assert ratios["overhead_p50_ms"] == pytest.approx(0.4)
+    assert ratios["max_sustained_rps"] == pytest.approx(1.5)
+    assert "fused/unfused" in table and "stage dedup p50 ms" in table
+
+
+def test_arguments_default_to_the_issue_rate() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--compare-fusion"])
+    assert args.rate == 1000.0 and args.compare_fusion and args.json == "out/pipeline.json"
