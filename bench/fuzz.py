@@ -276,7 +276,7 @@ def check(cases: list[FuzzCase], result: FloodResult) -> dict[str, Any]:
     sent = Counter(c.raw for c in cases)
     return {
         "messages": len(cases),
-        "with_readable_id": sum(1 for c in cases if c.request_id),
+        "readable_ids": len({c.request_id for c in cases if c.request_id}),
         "answered_invalid": len(result.answers) - len(wrong),
         "answered_otherwise": len(wrong),
         "unanswered": len(result.unanswered),

@@ -18,9 +18,10 @@ from pydantic import ValidationError
 
 from bench import batching as bench_batching
 from bench import faults as bench_faults
-from bench import kill as bench_kill
 from bench import fuzz as bench_fuzz
+from bench import kill as bench_kill
 from bench import locality as bench_locality
+from bench import overload as bench_overload
 from bench import peer as bench_peer
 from bench import pipeline as bench_pipeline
 from evaluation import compare as eval_compare
@@ -386,6 +387,9 @@ def parser() -> argparse.ArgumentParser:
     fuzz = bench_sub.add_parser("fuzz", help="malformed messages against a running worker")
     bench_fuzz.add_arguments(fuzz)
     fuzz.set_defaults(func=bench_fuzz.run)
+    overload = bench_sub.add_parser("overload", help="five times the sustainable load: shedding")
+    bench_overload.add_arguments(overload)
+    overload.set_defaults(func=bench_overload.run)
     peer = bench_sub.add_parser("peer", help="llmflow beside the LiteLLM proxy, same workload")
     bench_peer.add_arguments(peer)
     peer.set_defaults(func=bench_peer.run)

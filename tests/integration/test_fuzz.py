@@ -36,7 +36,7 @@ async def test_a_flood_of_malformed_messages_crashes_nothing(
         log.seek(log_before)
         assert b"Traceback" not in log.read()
     assert report["unanswered"] == 0 and report["answered_otherwise"] == 0, report
-    assert report["answered_invalid"] == len({c.request_id for c in cases if c.request_id})
+    assert report["answered_invalid"] == report["readable_ids"] > 0, report
     assert report["dead_letters"] == COUNT, report
     assert report["dead_letters_missing"] == report["dead_letters_extra"] == 0, report
     assert report["internal_errors"] == 0, report

@@ -1,0 +1,55 @@
+"""The overload bench's pure parts: outcomes, the limits it sets, memory trend, shedding."""
+
+from __future__ import annotations
+
+from bench.load import LoadRun, Outcome, Sample, WorkItem
+from bench.overload import MemoryTrend, limited, outcome, shedding, unlimited
+from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status
+from topology.settings import Settings
+
+
+def sample(index: int, status: str, latency_s: float | None) -> Sample:
+    item = WorkItem(f"r{index}", "t", [{"role": "user", "content": "q"}], 8, "unique")
+    answered = None if latency_s is None else 100.0 + index + latency_s
+    return Sample(item, 100.0 + index, answered, Outcome(status))
+
+
+def test_outcomes_name_the_error_code_or_the_status() -> None:
+    refused = LLMResponse(
+        id="a",
+        status=Status.ERROR,
+        error=ErrorInfo(code=ErrorCode.OVERLOADED, reason="batch_queue_full", message="full"),
+    )
+    assert outcome(refused).status == "error_overloaded"
+    assert outcome(LLMResponse(id="b", status=Status.CACHED, output="x")).status == "cached"
+
+
+def test_limits_follow_the_sustainable_rate() -> None:
+    settings = limited(Settings(), sustainable_rps=50.0, share=0.8, max_queued=32)
+    quota = settings.ratelimit.for_tenant("anyone")
+    assert quota.tenant.requests is not None
+    assert (quota.tenant.requests.per_second, quota.tenant.requests.burst) == (40.0, 40.0)
+    assert quota.user.requests is None and quota.reserve == 0.0
+    assert settings.batch.max_queued == 32
+    free = unlimited(Settings()).ratelimit.for_tenant("anyone").tenant.requests
+    assert free is not None and free.per_second >= 1e9
+
+
+def test_memory_trend_fits_a_line_through_the_samples() -> None:
+    rising = MemoryTrend.of([(0.0, 100.0), (30.0, 110.0), (60.0, 120.0)])
+    assert rising == MemoryTrend(100.0, 120.0, 120.0, 20.0)
+    flat = MemoryTrend.of([(0.0, 90.0), (1.0, 95.0), (2.0, 90.0)])
+    assert (flat.max_mb, flat.slope_mb_per_min) == (95.0, 0.0)
+    assert MemoryTrend.of([]) == MemoryTrend(0.0, 0.0, 0.0, 0.0)
+
+
+def test_shedding_counts_who_refused_and_compares_admitted_latency() -> None:
+    samples = [sample(i, "ok", 0.2) for i in range(99)] + [sample(99, "ok", 0.4)]
+    samples += [sample(100, "error_rate_limited", 0.01), sample(101, "error_overloaded", 0.02)]
+    samples += [sample(102, "error_timeout", 5.0), sample(103, "timeout_client", None)]
+    report = shedding(LoadRun(50.0, samples), unloaded_p99_ms=200.0)
+    assert report["admitted"] == 100 and report["unanswered"] == 1
+    assert report["shed"] == {"error_rate_limited": 1, "error_overloaded": 1, "error_timeout": 1}
+    assert report["admitted_latency_ms"]["p99"] == 200.0
+    assert report["admitted_p99_over_unloaded_p99"] == 1.0
+    assert shedding(LoadRun(50.0, samples), 0.0)["admitted_p99_over_unloaded_p99"] is None
