@@ -60,6 +60,10 @@ LITELLM_ENV = {
     "LITELLM_TELEMETRY": "False",
 }
 UNLIMITED = RateLimit(burst=1e9, per_second=1e9)
+# A Poisson run of n sends keeps its mean rate only to about 1/sqrt(n): fewer would fail the
+# rate criteria by chance.
+MIN_TRIAL_ITEMS = 100
+WARM_UP_ITEMS = 20
 
 
 def litellm_config(provider_url: str, models: Sequence[str], master_key: str) -> dict[str, Any]:
@@ -222,7 +226,7 @@ class ItemStream:
 
 
 def items_for(rate_rps: float, trial_s: float) -> int:
-    return max(20, math.ceil(rate_rps * trial_s))
+    return max(MIN_TRIAL_ITEMS, math.ceil(rate_rps * trial_s))
 
 
 def search_rates(start_rps: float, max_rps: float, refine_steps: int) -> list[float]:
@@ -295,13 +299,13 @@ class Plan:
 
 
 async def measure(target: Target, stream: ItemStream, plan: Plan) -> dict[str, Any]:
-    """A check that the system answers, the fixed-rate run, then the max-rate search."""
+    """A warm-up that must be answered in full, the fixed-rate run, then the max-rate search."""
     stream.restart()
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         send = http_sender(session, target, plan.latency_ms)
-        check = await open_loop(send, stream.take(3), 1.0, plan.seed, progress=False)
+        check = await open_loop(send, stream.take(WARM_UP_ITEMS), plan.rate_rps, progress=False)
         if check.answered_share < 1.0 or any(s.startswith("error") for s in check.statuses()):
             raise RuntimeError(f"{target.name} does not answer: {check.statuses()}")
         print(f"{target.name}: fixed rate {plan.rate_rps:g} req/s", flush=True)
@@ -317,6 +321,9 @@ async def measure(target: Target, stream: ItemStream, plan: Plan) -> dict[str, A
         search = await max_sustained_rate(
             run_at, plan.criteria, plan.start_rps, plan.max_rps, plan.refine_steps
         )
+        for trial in search.trials:
+            verdict = "sustained" if trial.sustained else "; ".join(trial.reasons)
+            print(f"{target.name}: {trial.rate_rps:.1f} req/s: {verdict}", flush=True)
         return {**result, **search_summary(search)}
 
 
@@ -355,7 +362,7 @@ def workload(spec: WorkloadSpec, plan: Plan, label: str) -> list[WorkItem]:
     """Enough items for the check, the fixed-rate run and the longest search; tenants
     carry `label`, so one workload's prompts are never cached answers for another's."""
     rates = search_rates(plan.start_rps, plan.max_rps, plan.refine_steps) if plan.search else []
-    count = 3 + plan.requests + sum(items_for(rate, plan.trial_s) for rate in rates)
+    count = WARM_UP_ITEMS + plan.requests + sum(items_for(rate, plan.trial_s) for rate in rates)
     items = build_workload(replace(spec, count=count))
     return [
         replace(item, id=f"peer-{label}-{index}", tenant=f"{item.tenant}-{label}")
@@ -394,7 +401,7 @@ def run_systems(
 
 
 def run(args: argparse.Namespace) -> int:
-    criteria = SustainCriteria(max_p99_ms=args.max_p99_ms)
+    criteria = SustainCriteria(min_rate_share=args.min_rate_share, max_p99_ms=args.max_p99_ms)
     plan = Plan(
         latency_ms=args.provider_latency_ms,
         rate_rps=args.rate,
@@ -499,6 +506,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trial-s", type=float, default=10.0, help="each search run's length")
     parser.add_argument("--refine-steps", type=int, default=3, help="bisections after doubling")
     parser.add_argument("--max-p99-ms", type=float, default=2000.0, help="a sustained run's bound")
+    parser.add_argument(
+        "--min-rate-share",
+        type=float,
+        default=0.9,
+        help="sent and answered rates a sustained run keeps, as a share of its target",
+    )
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(

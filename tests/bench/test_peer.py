@@ -121,8 +121,8 @@ def test_search_rates_bound_every_rate_the_search_may_try() -> None:
     assert search_rates(10, 40, 2) == [10, 20, 40, 40, 40]
     assert search_rates(10, 30, 0) == [10, 20, 30]
     assert search_rates(50, 20, 1) == [20, 20]
-    assert items_for(0.5, 2.0) == 20
-    assert items_for(30.0, 2.0) == 60
+    assert items_for(0.5, 2.0) == 100
+    assert items_for(300.0, 2.0) == 600
 
 
 def test_a_workload_has_enough_unique_items_for_the_longest_search(
@@ -132,13 +132,13 @@ def test_a_workload_has_enough_unique_items_for_the_longest_search(
     the_plan = plan()
     spec = WorkloadSpec(count=0, duplicate_share=0.0, near_duplicate_share=0.0, tenants=2)
     items = workload(spec, the_plan, "unique")
-    needed = 3 + 30 + sum(items_for(r, 2.0) for r in [10, 20, 40, 40, 40])
+    needed = 20 + 30 + sum(items_for(r, 2.0) for r in [10, 20, 40, 40, 40])
     assert len(items) == needed
     assert len({(i.tenant, i.prompt) for i in items}) == needed
     assert all(i.tenant.endswith("-unique") for i in items)
     assert len({i.id for i in items}) == needed
     no_search = workload(spec, plan(search=False), "unique")
-    assert len(no_search) == 33
+    assert len(no_search) == 50
 
 
 def test_ratios_are_llmflow_over_litellm_and_none_without_a_denominator() -> None:
