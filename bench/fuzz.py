@@ -1,7 +1,7 @@
 """`llmflow bench fuzz`: a flood of malformed requests against a running worker.
 
 Cases come from a seeded `random.Random`, not hypothesis: hypothesis draws values inside
-`@given` for shrinking, and 100,000 draws through it cost more than the flood itself; a
+`@given`, built for shrinking one failing example, while a flood wants many cases fast; a
 seeded generator gives the same cases on every run. Each case is one of the shapes bad
 input takes (raw bytes, broken JSON, bad UTF-8 or lone surrogates, JSON of the wrong
 shape, wrong types, missing fields, oversized fields) or a random byte mutation of a valid
