@@ -27,7 +27,7 @@ from prometheus_client import Counter as PromCounter
 from tqdm import tqdm
 
 from agents.infer import InferenceRunner
-from llmflow.reports import write_report
+from llmflow.reports import print_rows, write_report
 from llmflow.stack import SimulatedProvider
 from schemas.messages import ChatMessage, Envelope, LLMRequest, Role, Status
 from streams import metrics
@@ -229,9 +229,7 @@ def print_report(report: dict[str, Any]) -> None:
         in_time, in_full = numbers["answered_in_time"], numbers["answered_in_full_in_time"]
         summary = f"{in_time:.2%} in time, {in_full:.2%} in full, by {numbers['answered_by']}"
         rows.append((f"routed to {model}", summary))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from agents.preprocess import InvalidRequest, Preprocessor
 from llmflow.admin import read_partitions
 from llmflow.client import LLMFlowClient, new_request
-from llmflow.reports import write_report
+from llmflow.reports import print_rows, write_report
 from schemas.messages import DeadLetter, ErrorCode, LLMResponse, Status
 from topology.settings import Settings, load_settings
 
@@ -324,9 +324,7 @@ def run(args: argparse.Namespace) -> int:
         "all_answered_s": round(result.answered_s, 1),
         "seed": args.seed,
     }
-    width = max(len(k) for k in report)
-    for name, value in report.items():
-        print(f"{name:<{width}}  {value}")
+    print_rows(report.items())
     write_report(report, args.json)
     return 0
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import KafkaBroker
 from llmflow.client import LLMFlowClient, new_request
-from llmflow.reports import write_report
+from llmflow.reports import print_rows, write_report
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import LLMResponse
 from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates, Settings, load_settings
@@ -184,8 +184,7 @@ def run(args: argparse.Namespace) -> int:
         **summary,
         "worker_logs": str(run_dir),
     }
-    for name, value in report.items():
-        print(f"{name:<34} {value}")
+    print_rows(report.items())
     write_report(report, args.json)
     return 0
 

@@ -39,7 +39,7 @@ from bench.load import (
     summary_ms,
 )
 from llmflow.client import LLMFlowClient, new_request
-from llmflow.reports import write_report
+from llmflow.reports import print_rows, write_report
 from llmflow.stack import Workers
 from schemas.messages import GenerationParams, LLMResponse, Status
 from topology.settings import Quota, RateLimit, Rates, Settings, load_settings
@@ -311,9 +311,7 @@ def print_report(report: dict[str, Any]) -> None:
         ("lowest adaptive rate-limit scale", report["ratelimit_scale_min"]),
         ("wall time s", report["wall_s"]),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows)
 
 
 def _p50_p99(summary: dict[str, float]) -> str:

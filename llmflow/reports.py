@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +23,11 @@ def write_report(
     if plot_path and draw is not None:
         draw(Path(plot_path))
         print(f"wrote {plot_path}")
+
+
+def print_rows(rows: Iterable[tuple[str, object]]) -> None:
+    """A report's lines as an aligned two-column table."""
+    listed = list(rows)
+    width = max((len(name) for name, _ in listed), default=0)
+    for name, value in listed:
+        print(f"{name:<{width}}  {value}")
