@@ -5,24 +5,17 @@ duplicates merged and repeats served from the cache."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from llmflow.admin import create_topics, wait_for_stable_group
-from llmflow.client import LLMFlowClient, new_request
-from llmflow.demo import build_workload
+from llmflow.client import LLMFlowClient
 from llmflow.prompts import load_prompts
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import Status
 from tests.integration.conftest import WORKER_START_S, RunningPipeline, pipeline_settings
-from tests.integration.test_pipeline import (
-    answer_all,
-    check_duplicates_and_repeats,
-    read_topic,
-    scrape,
-)
+from tests.integration.test_pipeline import answer_demo_workload, read_topic, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -53,17 +46,7 @@ async def test_fused_stages_answer_each_request_once_without_their_hops(
 ) -> None:
     settings = fused.settings
     async with LLMFlowClient(settings) as client:
-        warm = await client.call(new_request(f"warm-up {uuid.uuid4()}", "warm-up"), WORKER_START_S)
-        assert warm.status is Status.OK, warm
-        workload = build_workload(40, load_prompts(700)[640:], seed=11)
-        first = await answer_all(client, workload.first_wave, timeout=180.0)
-        shapes = check_duplicates_and_repeats(workload.first_wave, first)
-        assert shapes["group"] >= 2, shapes
-        second = await answer_all(client, workload.second_wave, timeout=180.0)
-        assert {r.status for r in second.values()} == {Status.CACHED}
-        assert len(first) + len(second) == 40
-        await asyncio.sleep(1.0)
-        assert client.duplicates == 0
+        first, second = await answer_demo_workload(client, load_prompts(700)[640:], seed=11)
     assert all(fused.workers.alive())
 
     # Stage timings go on: a fused stage is timed as it is entered, as after a hop.

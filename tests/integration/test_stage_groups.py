@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from llmflow.admin import create_topics, wait_for_stable_group
-from llmflow.client import LLMFlowClient, new_request
-from llmflow.demo import build_workload
+from llmflow.client import LLMFlowClient
 from llmflow.prompts import load_prompts
 from llmflow.stack import SimulatedProvider, Workers
-from schemas.messages import Status
 from tests.integration.conftest import WORKER_START_S, pipeline_settings
-from tests.integration.test_pipeline import answer_all, check_duplicates_and_repeats, scrape
+from tests.integration.test_pipeline import answer_demo_workload, scrape
 from topology.settings import DEPLOY_GROUPS, Settings
 
 pytestmark = pytest.mark.integration
@@ -76,17 +73,7 @@ def timed_stages(port: int) -> set[str]:
 
 async def test_one_worker_per_group_answers_each_request_once(grouped: GroupedPipeline) -> None:
     async with LLMFlowClient(grouped.settings) as client:
-        warm = await client.call(new_request(f"warm-up {uuid.uuid4()}", "warm-up"), WORKER_START_S)
-        assert warm.status is Status.OK, warm
-        workload = build_workload(40, load_prompts(600)[560:], seed=8)
-        first = await answer_all(client, workload.first_wave, timeout=180.0)
-        shapes = check_duplicates_and_repeats(workload.first_wave, first)
-        assert shapes["group"] >= 2, shapes
-        second = await answer_all(client, workload.second_wave, timeout=180.0)
-        assert {r.status for r in second.values()} == {Status.CACHED}
-        assert len(first) + len(second) == 40
-        await asyncio.sleep(1.0)
-        assert client.duplicates == 0
+        await answer_demo_workload(client, load_prompts(600)[560:], seed=8)
     assert grouped.alive()
 
     for group, workers in grouped.workers.items():
