@@ -27,6 +27,14 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = fetch_max_wait_ms
         return consumer
 
+    async def on_start(self) -> None:
+        """aiokafka holds back every fetch to a broker for up to 100 ms (its prefetch
+        backoff) while records it fetched for any partition wait to be taken; under load
+        there nearly always are some, so each hop waited about 55 ms at 100 req/s. It
+        now waits no longer than an empty fetch does."""
+        await super().on_start()
+        self._ensure_consumer()._fetcher._prefetch_backoff = fetch_max_wait_ms / 1000
+
 
 class ShortWaitConsumer(faust_aiokafka.Consumer):
     """Pauses and resumes partitions in aiokafka too, not only in faust's bookkeeping.

@@ -1,0 +1,29 @@
+"""The worker's Kafka consumer, started against Tansu, waits as briefly as it is told to."""
+
+from __future__ import annotations
+
+import asyncio
+
+import faust
+import pytest
+
+from streams.drivers import kafka_transport
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_consumer_holds_back_a_fetch_no_longer_than_an_empty_fetch_waits(
+    tansu_bootstrap: str,
+) -> None:
+    scheme = kafka_transport.register(7)
+    app = faust.App("test-kafka-transport", broker=f"{scheme}://{tansu_bootstrap}")
+    thread = app.consumer._new_consumer_thread()
+    thread.thread_loop = asyncio.get_running_loop()
+    await thread.on_start()
+    consumer = thread._consumer
+    assert consumer is not None
+    try:
+        assert consumer._fetch_max_wait_ms == 7
+        assert consumer._fetcher._prefetch_backoff == 0.007
+    finally:
+        await consumer.stop()

@@ -1,0 +1,22 @@
+import logging
+
+import faust
+
+from llmflow.worker import Worker
+
+
+def root_logger_after(worker_class: type[faust.Worker]) -> logging.Logger:
+    """A stand-in root logger as `worker_class` sets it up for WARNING."""
+    root = logging.Logger("stand-in-root")
+    root.addHandler(logging.NullHandler())
+    worker = worker_class(faust.App("test-worker-logging"), loglevel="WARNING")
+    worker.on_setup_root_logger(root, logging.WARNING)
+    return root
+
+
+def test_the_root_logger_stays_at_the_level_asked_for() -> None:
+    """faust's own worker leaves it at DEBUG, so every debug call builds a record."""
+    assert root_logger_after(faust.Worker).isEnabledFor(logging.DEBUG)
+    root = root_logger_after(Worker)
+    assert not root.isEnabledFor(logging.DEBUG)
+    assert root.isEnabledFor(logging.WARNING)
