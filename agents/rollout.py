@@ -195,7 +195,7 @@ async def watch_router_models(settings: Settings, versions: RouterVersions) -> N
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
-        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        fetch_max_wait_ms=settings.watcher_fetch_max_wait_ms,
     )
     await consumer.start()
     try:

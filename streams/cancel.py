@@ -67,7 +67,7 @@ async def watch_cancels(
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
-        fetch_max_wait_ms=settings.cancel.fetch_max_wait_ms,
+        fetch_max_wait_ms=settings.watcher_fetch_max_wait_ms,
     )
     await consumer.start()
     try:

@@ -575,14 +575,10 @@ class IngressSettings(Section):
 
 class CancelSettings(Section):
     """How long each worker remembers a cancelled request id: longer than a request lives
-    (the longest infer timeout is 300 s), bounded in count too. `fetch_max_wait_ms` is how
-    long the broker holds the worker's poll of `llm.cancel` while it is empty: at the
-    stages' 5 ms that poll took about 5 % of a worker's CPU at 100 req/s (py-spy), and a
-    cancel need not land within milliseconds."""
+    (the longest infer timeout is 300 s), bounded in count too."""
 
     remember_s: float = Field(default=900.0, gt=0)
     max_remembered: int = Field(default=100_000, ge=1)
-    fetch_max_wait_ms: int = Field(default=100, ge=0)
 
 
 class FeedbackSettings(Section):
@@ -661,6 +657,12 @@ class Settings(Section):
     app_id: str = "llmflow"
     bootstrap_servers: str = "127.0.0.1:9092"
     consumer_fetch_max_wait_ms: int = 5
+    watcher_fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=0,
+        description="the cancel and router-model watchers' poll: at the stages' 5 ms, "
+        "their empty polls took about 5 % of a worker's CPU at 100 req/s (py-spy)",
+    )
     replication_factor: int = Field(default=1, ge=1, description="of every topic created")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once",
