@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from pydantic import ValidationError
 
 from inference.complexity import ComplexityClassifier
@@ -30,6 +30,7 @@ from inference.runtime import ModelLoadError
 from schemas.messages import RouterModel, RouterModelsState
 from streams import metrics
 from streams.app import Pipeline
+from streams.watch import watcher
 from topology.settings import FeedbackSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -192,14 +193,7 @@ class RouterVersions:
 async def watch_router_models(settings: Settings, versions: RouterVersions) -> None:
     """Apply every state on the router-models topic, from its start, until cancelled."""
     topic = TopicPartition(settings.topics.router_models.name, 0)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=settings.watcher_fetch_max_wait_ms,
-    )
-    await consumer.start()
-    try:
-        consumer.assign([topic])
+    async with watcher(settings, [topic]) as consumer:
         await consumer.seek_to_beginning(topic)
         end = (await consumer.end_offsets([topic]))[topic]
         if end == 0:
@@ -211,8 +205,6 @@ async def watch_router_models(settings: Settings, versions: RouterVersions) -> N
                 log.warning("router-models offset %s not applied: %s", message.offset, exc)
             if message.offset >= end - 1:
                 versions.ready.set()
-    finally:
-        await consumer.stop()
 
 
 def versions_of(pipeline: Pipeline) -> RouterVersions | None:

@@ -12,10 +12,11 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from pydantic import ValidationError
 
 from schemas.messages import CancelEvent
+from streams.watch import watcher
 from topology.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,8 @@ async def watch_cancels(
 ) -> None:
     """Add every cancel published from now on to `cancelled`, until cancelled itself."""
     topic = settings.topics.cancel.name
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=settings.watcher_fetch_max_wait_ms,
-    )
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.topics.cancel.partitions)]
-        consumer.assign(partitions)
+    partitions = [TopicPartition(topic, p) for p in range(settings.topics.cancel.partitions)]
+    async with watcher(settings, partitions) as consumer:
         await consumer.seek_to_end(*partitions)
         for tp in partitions:
             await consumer.position(tp)
@@ -83,5 +77,3 @@ async def watch_cancels(
                 log.warning("a message on %s is not a cancel event", topic)
                 continue
             cancelled.add(event, clock())
-    finally:
-        await consumer.stop()
