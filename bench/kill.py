@@ -22,9 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from aiokafka import TopicPartition
 from tqdm import tqdm
 
-from llmflow.admin import create_topics, wait_for_stable_group
+from llmflow.admin import create_topics, read_partitions, wait_for_stable_group
 from llmflow.brokers import KafkaBroker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.reports import print_rows, write_report
@@ -128,6 +129,25 @@ async def steady_load(
     return record
 
 
+async def trail(settings: Settings, request_ids: list[str]) -> dict[str, list[str]]:
+    """Where each of `request_ids` was seen: every topic (changelogs too) whose records
+    carry the id, as `topic[partition]@offset`, in order. An unanswered request's trail
+    ends where it was lost."""
+    wanted = {rid.encode(): rid for rid in request_ids}
+    partitions = [
+        TopicPartition(spec.name, p)
+        for spec in settings.all_topics()
+        for p in range(spec.partitions)
+    ]
+    found: dict[str, list[str]] = {rid: [] for rid in request_ids}
+    for record in await read_partitions(settings.bootstrap_servers, partitions):
+        value = record.value or b""
+        for marker, rid in wanted.items():
+            if marker in value:
+                found[rid].append(f"{record.topic}[{record.partition}]@{record.offset}")
+    return found
+
+
 def load_limits(settings: Settings, rate: float) -> Settings:
     """A default quota well above `rate`, so the run measures the kill, not the limiter."""
     limit = RateLimit(burst=int(rate * 10), per_second=rate * 4)
@@ -154,7 +174,7 @@ async def measure(args: argparse.Namespace, settings: Settings, run_dir: Path) -
                 workers.processes[0].kill,
                 args.answer_s,
             )
-    return record.summary()
+    return {**record.summary(), "unanswered_trail": await trail(settings, record.unanswered())}
 
 
 def run(args: argparse.Namespace) -> int:
