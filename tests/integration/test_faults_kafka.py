@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.kill import LoadRecord, load_limits, steady_load
+from bench.kill import LoadRecord, load_limits, steady_load, trail
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import KafkaBroker
 from llmflow.client import LLMFlowClient, new_request
@@ -48,10 +48,15 @@ async def run_with_kill(
     return record
 
 
-def assert_all_answered(record: LoadRecord, run_dir: Path) -> None:
+async def assert_all_answered(settings: Settings, record: LoadRecord, run_dir: Path) -> None:
+    """Every request answered ok; a lost one is reported with its trail through the topics
+    (read while the brokers still run)."""
     assert record.killed_at is not None
     missing = record.unanswered()
-    assert not missing, f"{len(missing)} of {len(record.sent)} unanswered; logs in {run_dir}"
+    assert not missing, (
+        f"{len(missing)} of {len(record.sent)} unanswered; logs in {run_dir}; "
+        f"trails: {await trail(settings, missing)}"
+    )
     failed = {s: n for s, n in record.statuses.items() if not s.startswith("ok")}
     assert not failed, failed
 
@@ -69,4 +74,4 @@ async def test_a_killed_broker_of_three_loses_no_request(
                 settings, workers, lambda: cluster.kill_node(2), "kill broker"
             )
             assert workers.alive() == [True]
-    assert_all_answered(record, tmp_path)
+        await assert_all_answered(settings, record, tmp_path)
