@@ -5,7 +5,8 @@ The stage topic is keyed by tenant, so every check for one tenant runs on the on
 that owns all of its buckets, inside one event: the limits hold however many workers there
 are, and a request is admitted only when every one of its buckets has room (all or nothing:
 a refusal takes from none of them). A request costs one request and prompt_tokens +
-max_tokens tokens, charged at admission: the most it can use, never refunded.
+max_tokens tokens, charged at admission: the most it can use, never refunded, and charged
+once: an event redelivered after a crash or rebalance (at-least-once) goes on uncharged.
 
 Normal and low priority may use 1 - reserve of each bucket, high priority all of it. The
 rate buckets refill at follows this worker's load: an AIMD controller lowers it while the
@@ -124,15 +125,47 @@ def admit(
     return Decision(True, taken)
 
 
-def load_buckets(stored: object) -> dict[str, Bucket]:
-    """A tenant's buckets from its Table value. A bare pair is the single request bucket
-    this stage kept before it had several, read as the tenant's request bucket."""
-    if stored is None:
-        return {}
-    if isinstance(stored, list):
-        return {"tenant:requests:": Bucket.from_json(stored)}
-    assert isinstance(stored, dict)
-    return {key: Bucket.from_json(value) for key, value in stored.items()}
+@dataclass
+class TenantState:
+    """A tenant's Table value: its buckets, and the offset of the last event each source
+    partition charged them for, with when.
+
+    A tenant's events come from one partition in offset order, and the value is written in
+    every one of them, so an event at or below the offset kept for its source was charged
+    already: its offset was not committed before a crash or rebalance, and it is seen
+    again. The time bounds that knowledge: a source topic made anew restarts at offset 0.
+    """
+
+    buckets: dict[str, Bucket]
+    charged: dict[str, tuple[int, float]]
+
+    def redelivered(self, source: str, offset: int, now: float, window_s: float) -> bool:
+        last = self.charged.get(source)
+        return last is not None and offset <= last[0] and now - last[1] <= window_s
+
+    def mark(self, source: str, offset: int, now: float) -> None:
+        self.charged[source] = (offset, now)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "buckets": {key: b.to_json() for key, b in self.buckets.items()},
+            "charged": {source: list(last) for source, last in self.charged.items()},
+        }
+
+    @classmethod
+    def from_json(cls, stored: object) -> TenantState:
+        """Also reads the values this stage kept before: a dict of buckets, or a bare pair,
+        the single request bucket, read as the tenant's request bucket."""
+        if stored is None:
+            return cls({}, {})
+        if isinstance(stored, list):
+            return cls({"tenant:requests:": Bucket.from_json(stored)}, {})
+        assert isinstance(stored, dict)
+        if "buckets" not in stored:
+            return cls({key: Bucket.from_json(value) for key, value in stored.items()}, {})
+        charged = {s: (int(last[0]), float(last[1])) for s, last in stored["charged"].items()}
+        buckets = {key: Bucket.from_json(value) for key, value in stored["buckets"].items()}
+        return cls(buckets, charged)
 
 
 def bound(buckets: dict[str, Bucket], now: float, full_after_s: float, most: int) -> int:
@@ -209,11 +242,17 @@ def attach(pipeline: Pipeline) -> None:
     controller = Aimd(adaptive)
     lowest_scale = adaptive.min_scale if adaptive.enabled else 1.0
 
-    async def ratelimit(_event: EventT[bytes], envelope: Envelope) -> None:
+    async def ratelimit(event: EventT[bytes], envelope: Envelope) -> None:
         request = envelope.request
         quota = limits.for_tenant(request.tenant)
         now = envelope.stage_entered_at
-        buckets = load_buckets(table.get(request.tenant))
+        state = TenantState.from_json(table.get(request.tenant))
+        source, offset = f"{event.message.topic}:{event.message.partition}", event.message.offset
+        if state.redelivered(source, offset, now, limits.redelivery_window_s):
+            metrics.stage_events.labels(STAGE, "redelivered").inc()
+            await pipeline.send("dedup", envelope)
+            return
+        buckets = state.buckets
         decision = admit(
             buckets,
             charges(quota, request, envelope.prompt_tokens),
@@ -226,7 +265,8 @@ def attach(pipeline: Pipeline) -> None:
         full_after_s = quota.longest_refill_s() / lowest_scale
         evicted = bound(buckets, now, full_after_s, limits.max_buckets_per_tenant)
         metrics.ratelimit_evictions.inc(evicted)
-        table[request.tenant] = {key: b.to_json() for key, b in buckets.items()}
+        state.mark(source, offset, now)
+        table[request.tenant] = state.to_json()
         if decision.allowed:
             metrics.stage_events.labels(STAGE, "allowed").inc()
             await pipeline.send("dedup", envelope)

@@ -294,6 +294,12 @@ class RateLimits(Section):
         ge=1,
         description="user and api type buckets kept per tenant; the least recently used go",
     )
+    redelivery_window_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="how long after charging a tenant an event redelivered from its partition "
+        "(a crash or rebalance before the offset commit) is known and not charged again",
+    )
     adaptive: AdaptiveLimit = AdaptiveLimit()
 
     def for_tenant(self, tenant: str) -> Quota:

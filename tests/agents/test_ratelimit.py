@@ -13,10 +13,10 @@ from agents.ratelimit import (
     Bucket,
     Charge,
     StageQueueing,
+    TenantState,
     admit,
     bound,
     charges,
-    load_buckets,
     refill,
 )
 from schemas.messages import LLMRequest, Priority
@@ -174,15 +174,35 @@ def test_each_user_has_a_bucket_and_all_share_the_tenant_one() -> None:
 # --- the Table value ----------------------------------------------------------------------
 
 
-def test_buckets_round_trip_through_the_table_value() -> None:
+def test_the_tenant_state_round_trips_through_the_table_value() -> None:
     buckets = {"tenant:requests:": Bucket(1.25, 1_700_000_000.5), "user:tokens:ann": Bucket(3, 2)}
-    stored = json.loads(json.dumps({k: b.to_json() for k, b in buckets.items()}))
-    assert load_buckets(stored) == buckets
-    assert load_buckets(None) == {}
+    state = TenantState(buckets, {"llm.stage.ratelimit:2": (41, 1_700_000_000.5)})
+    assert TenantState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    assert TenantState.from_json(None) == TenantState({}, {})
 
 
-def test_a_stored_pair_is_the_tenant_request_bucket() -> None:
-    assert load_buckets([3, 12]) == {"tenant:requests:": Bucket(3.0, 12.0)}
+def test_earlier_values_read_as_buckets_with_nothing_charged() -> None:
+    assert TenantState.from_json([3, 12]) == TenantState(
+        {"tenant:requests:": Bucket(3.0, 12.0)}, {}
+    )
+    buckets_only = {"user:tokens:ann": [3, 2]}
+    assert TenantState.from_json(buckets_only) == TenantState({"user:tokens:ann": Bucket(3, 2)}, {})
+
+
+def test_an_event_at_or_below_the_charged_offset_of_its_source_is_redelivered() -> None:
+    state = TenantState({}, {})
+    assert not state.redelivered("t:0", 0, now=100.0, window_s=300.0)
+    state.mark("t:0", 7, now=100.0)
+    assert state.redelivered("t:0", 7, now=101.0, window_s=300.0)
+    assert state.redelivered("t:0", 5, now=101.0, window_s=300.0)
+    assert not state.redelivered("t:0", 8, now=101.0, window_s=300.0)
+    assert not state.redelivered("t:1", 5, now=101.0, window_s=300.0)
+
+
+def test_an_old_charge_says_nothing_of_a_source_topic_made_anew() -> None:
+    state = TenantState({}, {"t:0": (900, 100.0)})
+    assert state.redelivered("t:0", 3, now=400.0, window_s=300.0)
+    assert not state.redelivered("t:0", 3, now=400.1, window_s=300.0)
 
 
 def test_bound_drops_refilled_buckets_then_the_least_recently_used() -> None:
