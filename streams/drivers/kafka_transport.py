@@ -1,24 +1,50 @@
-"""faust's aiokafka transport, tuned for low per-hop latency.
+"""faust's aiokafka transport, tuned for low per-hop latency, with transactions that hold
+for stages that re-key.
 
 Two changes to faust 0.15's driver: the consumer's `fetch_max_wait_ms` (hard-coded there
 to 1500) comes from `Settings.consumer_fetch_max_wait_ms`, since a broker that holds an
 empty fetch that long delays every hop (on Tansu, 100 ms of wait already gave a 26 ms p50
 hop); and partitions faust pauses are paused in aiokafka too (see ShortWaitConsumer).
+
+With `processing_guarantee="exactly_once"`, faust 0.15 puts a send into the transaction of
+the partition it goes *to* and an offset into the transaction of the partition it was
+read from. Stages that re-key send to partitions the other worker owns ("No transaction
+producer found"), and an event's output and its offset commit in different transactions.
+Here (EventTransactions) a send waits in the transaction of the partition its event was
+read from until the commit that covers the event's offset: each commit sends the outputs
+of exactly the events below the offset it commits, so output and offset become visible
+together or not at all. A send made for no event (a timer's) belongs to no transaction and
+goes out at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
 
 import aiokafka
 from aiokafka import TopicPartition
+from faust.exceptions import ProducerSendError
+from faust.streams import current_event
+from faust.transport.consumer import TransactionManager
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, EventT, FutureMessage, Message, RecordMetadata
+from faust.types.core import HeadersArg
 
 SCHEME = "llmflow-kafka"
 fetch_max_wait_ms = 5
+log = logging.getLogger(__name__)
+# The event whose transaction sends join, where it is not faust's current event.
+acting_for: ContextVar[EventT[Any] | None] = ContextVar("acting_for", default=None)
+# While a commit sends the outputs it covers: their transactional id.
+releasing: ContextVar[str | None] = ContextVar("releasing", default=None)
 
 
 class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -36,14 +62,53 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         self._ensure_consumer()._fetcher._prefetch_backoff = fetch_max_wait_ms / 1000
 
 
+def commit_position(acked: Iterable[int], held: Iterable[int], committed: int | None) -> int | None:
+    """The offset to commit for one partition: past every acked message, but never past
+    one delivered and not yet acked (`held`); None when that is not beyond `committed`.
+
+    Messages are delivered in offset order, so what is neither acked nor held was never
+    delivered: a transaction marker, a compacted record, or a record not yet fetched (above
+    every delivered one).
+    """
+    acked_offsets = list(acked)
+    if not acked_offsets:
+        return None
+    position = max(acked_offsets) + 1
+    position = min(
+        [position, *(offset for offset in held if committed is None or offset >= committed)]
+    )
+    if committed is not None and position <= committed:
+        return None
+    return position
+
+
 class ShortWaitConsumer(faust_aiokafka.Consumer):
-    """Pauses and resumes partitions in aiokafka too, not only in faust's bookkeeping.
+    """Pauses and resumes partitions in aiokafka too, not only in faust's bookkeeping, and
+    commits no offset past a message still being handled.
 
     faust pauses its Tables' changelog partitions after recovery only in its own lists:
     aiokafka kept fetching them and nothing took the records, and aiokafka holds back every
     fetch to a broker for 100 ms while any fetched records wait untaken. So the first
     changelog write to each partition stalled every topic for 100 ms.
+
+    faust 0.15 commits the first run of consecutive acked offsets, checking only that it
+    starts no more than one past the last commit, and not at all before the first: a message
+    acked out of order (the batch stage acks each request when its batch is done) let it
+    commit past an earlier message still in a batch, and a worker killed then lost that
+    request, since no one reads it again.
     """
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked = self._acked[tp]
+        held = (m.offset for m in self._unacked_messages if m.tp == tp and not m.acked)
+        position = commit_position(acked, held, self._committed_offset[tp])
+        if position is None:
+            return None
+        done = [offset for offset in acked if offset < position]
+        acked[:] = [offset for offset in acked if offset >= position]
+        self._acked_index[tp].difference_update(done)
+        self._gap[tp].chop(0, position)
+        return position
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ShortWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -77,8 +142,153 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
         self._thread.thread_loop.call_soon_threadsafe(apply)
 
 
+@contextmanager
+def on_behalf_of(event: EventT[Any]) -> Iterator[None]:
+    """Sends made inside join `event`'s transaction. For tasks that finish events their own
+    stream did not just yield (the batch stage's batches): faust's current event is the
+    one a stream last yielded to the task, and a task that was started apart has none."""
+    token = acting_for.set(event)
+    try:
+        yield
+    finally:
+        acting_for.reset(token)
+
+
+def source_of_sends() -> Message | None:
+    """The consumed message whose transaction a send made here and now joins."""
+    event = acting_for.get() or current_event()
+    return None if event is None else event.message
+
+
+class PartitionRevoked(ProducerSendError):
+    """A send for an event of a partition this worker no longer owns: its new owner handles
+    the event again from the last commit, so this output must never go out."""
+
+
+@dataclass
+class Deferred:
+    offset: int
+    release: Callable[[], Awaitable[Any]]
+
+
+def settle_from(delivery: asyncio.Future[RecordMetadata], sent: asyncio.Future[Any]) -> None:
+    """Resolve `sent` as `delivery` resolves."""
+
+    def copy(done: asyncio.Future[RecordMetadata]) -> None:
+        if sent.done():
+            return
+        if done.cancelled():
+            sent.cancel()
+        elif done.exception() is not None:
+            sent.set_exception(cast(BaseException, done.exception()))
+        else:
+            sent.set_result(done.result())
+
+    delivery.add_done_callback(copy)
+
+
+class EventTransactions(TransactionManager):
+    """Transactions per consumed partition, holding each event's sends until the commit
+    that covers it (see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: dict[TP, list[Deferred]] = {}
+
+    def transactional_id(self, tp: TP) -> str:
+        """faust's id for the transaction that commits `tp`'s offsets."""
+        return f"{self.app.conf.id}-{self.app.assignor.group_for_topic(tp.topic)}-{tp.partition}"
+
+    def defer(self, source: Message, release: Callable[[], Awaitable[Any]]) -> None:
+        """Run `release` in the commit of `source`'s partition that passes its offset."""
+        producer = cast(TransactionalProducer, self.producer)
+        if not producer.holds(self.transactional_id(source.tp)):
+            raise PartitionRevoked(f"{source.tp} is no longer assigned to this worker")
+        self._deferred.setdefault(source.tp, []).append(Deferred(source.offset, release))
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: HeadersArg | None,
+        *,
+        transactional_id: str | None = None,
+    ) -> Awaitable[RecordMetadata]:
+        releasing_into = releasing.get()
+        source = None if releasing_into is not None else source_of_sends()
+        if source is None:
+            return await self.producer.send(
+                topic, key, value, partition, timestamp, headers, transactional_id=releasing_into
+            )
+        sent: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+
+        async def release() -> None:
+            delivery = await self.send(topic, key, value, partition, timestamp, headers)
+            settle_from(cast(asyncio.Future[RecordMetadata], delivery), sent)
+
+        self.defer(source, release)
+        return sent
+
+    async def commit(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        for tp, offset in offsets.items():
+            await self._release(tp, offset)
+        committed: bool = await super().commit(offsets, start_new_transaction)
+        return committed
+
+    async def _release(self, tp: TP, offset: int) -> None:
+        """Send the held outputs of `tp`'s events below `offset` into its transaction."""
+        held = self._deferred.get(tp, [])
+        self._deferred[tp] = [d for d in held if d.offset >= offset]
+        token = releasing.set(self.transactional_id(tp))
+        try:
+            for deferred in held:
+                if deferred.offset < offset:
+                    await deferred.release()
+        finally:
+            releasing.reset(token)
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
+    ) -> None:
+        """A revoked partition's held outputs go: its new owner redoes their events."""
+        for tp in revoked:
+            dropped = self._deferred.pop(tp, [])
+            if dropped:
+                log.info("dropped %d outputs of %s, revoked before their commit", len(dropped), tp)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
+
+class TransactionalProducer(faust_aiokafka.Producer):
+    def holds(self, transactional_id: str) -> bool:
+        return transactional_id in self._transaction_producers
+
+    async def maybe_begin_transaction(self, transactional_id: str) -> None:
+        """Begin only where no transaction is open: faust begins on every assigned
+        partition after a rebalance, and one that kept its partition and had nothing to
+        commit is still in its transaction (`Invalid state transition
+        TransactionState.IN_TRANSACTION -> IN_TRANSACTION`)."""
+        producer = self._transaction_producers.get(transactional_id)
+        if producer is None or not producer._txn_manager.is_in_transaction():
+            await self.begin_transaction(transactional_id)
+
+    def send_soon(self, fut: FutureMessage) -> None:
+        """A Table's changelog write joins the transaction of the event that made it; faust
+        buffers it and sends it from a task that knows no event."""
+        source = source_of_sends()
+        if not self.app.in_transaction or source is None:
+            super().send_soon(fut)
+            return
+        transactions = cast(EventTransactions, self.app.consumer.transactions)
+        transactions.defer(source, partial(fut.message.channel.publish_message, fut))
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = ShortWaitConsumer
+    Producer = TransactionalProducer
+    TransactionManager = EventTransactions
 
 
 def register(wait_ms: int) -> str:
