@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+import faust
+from faust.transport.conductor import Conductor
+from faust.types import TP, Message
+
+from streams.drivers import kafka_transport
 from streams.drivers.kafka_transport import commit_position
 
 
@@ -34,3 +41,20 @@ def test_held_messages_below_the_commit_are_from_before_a_rebalance() -> None:
 
 def test_nothing_acked_commits_nothing() -> None:
     assert commit_position([], [10], committed=10) is None
+
+
+def test_the_worker_consumer_holds_its_commit_for_a_message_acked_late() -> None:
+    """faust's own bookkeeping around `commit_position`: no broker is reached."""
+    app = faust.App("test-commit", broker=f"{kafka_transport.register(5)}://localhost:1")
+    cast(Conductor, app.topics)._acking_topics.add("t")  # as once agents subscribe
+    consumer = cast(kafka_transport.ShortWaitConsumer, app.consumer)
+    tp = TP("t", 0)
+    messages = [Message("t", 0, offset, 0.0, 0, {}, None, b"", None) for offset in (10, 11, 12)]
+    for message in messages:
+        consumer.track_message(message)
+    consumer._committed_offset[tp] = 10
+    consumer.ack(messages[1])
+    consumer.ack(messages[2])
+    assert consumer._filter_committable_offsets([tp]) == {}  # faust 0.15: {tp: 13}
+    consumer.ack(messages[0])
+    assert consumer._filter_committable_offsets([tp]) == {tp: 13}
