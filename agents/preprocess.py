@@ -2,6 +2,11 @@
 
 Anything that cannot become a request is answered (when it names an id) and dead-lettered
 with its raw bytes, so bad input never stops the worker and is never lost.
+
+Under more load than the workers keep up with, requests queue in llm.requests; one that
+waited there past `limits.shed_queued_ms` is answered `overloaded` at once, before it is
+validated, embedded or sent on (CoDel's sojourn time): shedding then costs a read and a
+reply, and the requests still admitted stop waiting behind the ones refused.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +33,7 @@ from schemas.messages import (
     ErrorInfo,
     LLMRequest,
     LLMResponse,
+    Priority,
     Status,
     dump,
     encode_embedding,
@@ -48,7 +55,8 @@ MIN_BATCH_WAIT_S = 0.0005
 
 
 class InvalidRequest(Exception):
-    """Why raw input is not a request, plus what is known about whom to tell."""
+    """Why a message is answered with an error at once (bad input, an internal failure,
+    overload), plus what is known about whom to tell."""
 
     def __init__(
         self,
@@ -105,14 +113,21 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _best_effort_identity(raw: bytes) -> tuple[str | None, str | None]:
-    """The id and reply topic of a message we reject, if they can be read at all."""
+def _fields(raw: bytes) -> dict[str, Any]:
+    """The top-level fields of a message, as far as they can be read; {} if not at all."""
     try:
         data = json.loads(raw.decode("utf-8", errors="replace"))
     except (json.JSONDecodeError, RecursionError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _best_effort_identity(raw: bytes) -> tuple[str | None, str | None]:
+    """The id and reply topic of a message we reject, if they can be read at all."""
+    return _identity(_fields(raw))
+
+
+def _identity(data: dict[str, Any]) -> tuple[str | None, str | None]:
     request_id = data.get("id")
     reply_topic = data.get("reply_topic")
     valid_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
@@ -122,6 +137,20 @@ def _best_effort_identity(raw: bytes) -> tuple[str | None, str | None]:
     if valid_id is not None and _has_lone_surrogate(valid_id):
         valid_id = None
     return valid_id, valid_topic
+
+
+def shed(raw: bytes, queued_s: float, shed_after_s: float | None) -> InvalidRequest | None:
+    """The `overloaded` answer for a request that queued past `shed_after_s`, if it is to
+    be shed: high priority never is, nor a message with no readable id (preprocess
+    answers that one `invalid`)."""
+    if shed_after_s is None or queued_s <= shed_after_s:
+        return None
+    data = _fields(raw)
+    request_id, reply_topic = _identity(data)
+    if request_id is None or data.get("priority") == Priority.HIGH.value:
+        return None
+    message = f"waited {queued_s:.1f} s for a worker (over {shed_after_s:g} s): over capacity"
+    return InvalidRequest("queued_too_long", message, request_id, reply_topic, ErrorCode.OVERLOADED)
 
 
 def _schema_message(error: ValidationError) -> str:
@@ -261,8 +290,10 @@ def error_response(error: InvalidRequest) -> LLMResponse:
 
 def attach(pipeline: Pipeline) -> None:
     preprocessor = Preprocessor(pipeline.settings)
+    shed_queued_ms = pipeline.settings.limits.shed_queued_ms
+    shed_after_s = None if shed_queued_ms is None else shed_queued_ms / 1000
 
-    async def reject(event: EventT[bytes], error: InvalidRequest) -> None:
+    async def answer(error: InvalidRequest) -> None:
         metrics.stage_events.labels(STAGE, error.reason).inc()
         if error.request_id is not None:
             response = error_response(error)
@@ -270,6 +301,9 @@ def attach(pipeline: Pipeline) -> None:
             await pipeline.reply_topic(error.reply_topic).send(
                 key=error.request_id.encode(), value=dump(response)
             )
+
+    async def reject(event: EventT[bytes], error: InvalidRequest) -> None:
+        await answer(error)
         await pipeline.dead_letter(event, error.reason, error.message, error.request_id)
 
     async def reject_crash(event: EventT[bytes], exc: Exception) -> None:
@@ -302,9 +336,17 @@ def attach(pipeline: Pipeline) -> None:
         batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_wait_s)
         async for events in batches:
             accepted: list[tuple[EventT[bytes], Envelope]] = []
+            now = time.time()
             for event in events:
+                raw = raw_bytes(event)
+                stamp = event.message.timestamp
+                queued_s = now - stamp if stamp else 0.0
+                overloaded = shed(raw, queued_s, shed_after_s)
+                if overloaded is not None:
+                    await answer(overloaded)
+                    continue
                 try:
-                    accepted.append((event, preprocessor.parse(raw_bytes(event))))
+                    accepted.append((event, preprocessor.parse(raw)))
                 except InvalidRequest as error:
                     await reject(event, error)
                 except Exception as exc:

@@ -2,12 +2,12 @@
 
 First the rate the pipeline sustains is searched (`bench.load.max_sustained_rate`) with no
 rate limit; then the worker is restarted with its limits set from that rate (each tenant's
-request bucket at `--limit-share` of it, `batch.max_queued`, and every request's deadline)
-and runs an unloaded baseline and the overload. Every prompt is made unique, so every
-admitted request costs a model call. The report counts who shed what (`rate_limited`,
-`overloaded`, `timeout`), requests left without an answer (should be none), the worker's
-resident memory over the overload (max and slope), the lowest scale the adaptive rate
-limit fell to, and the admitted requests' p99 as a ratio of the unloaded p99.
+request bucket at `--limit-share` of it, `batch.max_queued`, `limits.shed_queued_ms` and
+every request's deadline) and runs an unloaded baseline and the overload. Every prompt is
+made unique, so every admitted request costs a model call. The report counts who shed what
+(`rate_limited`, `overloaded`, `timeout`), requests left without an answer (should be
+none), the worker's resident memory over the overload (max and slope), the lowest scale the
+adaptive rate limit fell to, and the admitted requests' p99 as a ratio of the unloaded p99.
 """
 
 from __future__ import annotations
@@ -72,22 +72,30 @@ def sender(client: LLMFlowClient, deadline_s: float, answer_wait_s: float) -> Se
     return send
 
 
-def limited(settings: Settings, sustainable_rps: float, share: float, max_queued: int) -> Settings:
+def limited(
+    settings: Settings,
+    sustainable_rps: float,
+    share: float,
+    max_queued: int,
+    shed_queued_ms: float | None,
+) -> Settings:
     """`settings` with every tenant's request bucket refilled at `share` of the sustainable
-    rate (one second of it as burst) and the batch stage's queue bounded at `max_queued`."""
+    rate (one second of it as burst), the batch stage's queue bounded at `max_queued`, and
+    requests that queued past `shed_queued_ms` for preprocess shed."""
     rate = max(1.0, sustainable_rps * share)
     quota = Quota(tenant=Rates(requests=RateLimit(burst=rate, per_second=rate)), reserve=0.0)
     return settings.model_copy(
         update={
             "ratelimit": settings.ratelimit.model_copy(update={"default": quota, "tenants": {}}),
             "batch": settings.batch.model_copy(update={"max_queued": max_queued}),
+            "limits": settings.limits.model_copy(update={"shed_queued_ms": shed_queued_ms}),
         }
     )
 
 
 def unlimited(settings: Settings) -> Settings:
-    """No rate limit, so the search finds what the pipeline itself sustains."""
-    return limited(settings, 1e9, 1.0, settings.batch.max_queued)
+    """No rate limit and no shedding, so the search finds what the pipeline sustains."""
+    return limited(settings, 1e9, 1.0, settings.batch.max_queued, None)
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,9 @@ def run(args: argparse.Namespace) -> int:
     if not sustainable:
         with _embedded(unlimited(base), 1, provider) as (settings, _workers):
             sustainable, trials = asyncio.run(search(settings, args))
-    shed_settings = limited(base, sustainable, args.limit_share, args.max_queued)
+    shed_settings = limited(
+        base, sustainable, args.limit_share, args.max_queued, args.shed_queued_ms or None
+    )
     with _embedded(shed_settings, 1, provider) as (settings, workers):
         measured = asyncio.run(measure(settings, workers, args, sustainable))
     limit = shed_settings.ratelimit.default.tenant.requests
@@ -281,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         "limits": {
             "tenant_requests_per_s": limit.per_second if limit else None,
             "batch_max_queued": args.max_queued,
+            "shed_queued_ms": args.shed_queued_ms,
             "deadline_s": args.deadline_s,
         },
         **measured,
@@ -340,6 +351,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit-share", type=float, default=0.8, help="tenant limit, share of sustainable"
     )
     parser.add_argument("--max-queued", type=int, default=64, help="batch.max_queued")
+    parser.add_argument(
+        "--shed-queued-ms",
+        type=float,
+        default=100.0,
+        help="limits.shed_queued_ms: shed what waited longer for preprocess; 0: never",
+    )
     parser.add_argument("--deadline-s", type=float, default=5.0, help="each request's deadline")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's latency")
     parser.add_argument("--seed", type=int, default=0)

@@ -348,6 +348,11 @@ class LLMFlowClient:
             self.settings.topics.feedback.name, dump(event), key=event.request_id.encode()
         )
 
-    async def send_raw(self, raw: bytes, key: bytes | None = None) -> None:
-        """Publish bytes to the requests topic as they are (bad-input tests use this too)."""
-        await self._producer.send_and_wait(self.settings.topics.requests.name, raw, key=key)
+    async def send_raw(
+        self, raw: bytes, key: bytes | None = None, timestamp_ms: int | None = None
+    ) -> None:
+        """Publish bytes to the requests topic as they are (bad-input tests use this too),
+        stamped `timestamp_ms` if given, else now."""
+        await self._producer.send_and_wait(
+            self.settings.topics.requests.name, raw, key=key, timestamp_ms=timestamp_ms
+        )

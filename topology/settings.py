@@ -309,6 +309,14 @@ class RateLimits(Section):
 class Limits(Section):
     max_message_bytes: int = 64 * 1024
     max_tokens: int = 32768
+    shed_queued_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="a request that waited longer than this in llm.requests (by its Kafka "
+        "timestamp) is answered `overloaded` before any other work, high priority excepted; "
+        "null: never (the backlog a crashed worker leaves waits longer than a session "
+        "timeout, and would be shed whole)",
+    )
 
 
 class DedupSettings(Section):

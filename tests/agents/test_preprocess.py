@@ -20,6 +20,7 @@ from agents.preprocess import (
     error_response,
     normalise,
     shared_encoder,
+    shed,
 )
 from inference.encoder import Encoder
 from schemas.messages import Envelope, ErrorCode, Status, decode_embedding
@@ -429,3 +430,26 @@ async def test_an_embedding_failure_lets_the_requests_go_on_without_one(
     assert [e.request.id for e in batch] == ["a", "b", "c"]
     assert all(e.embedding is None and e.semantic_bucket is None for e in batch)
     assert failures._value.get() == before + 2
+
+
+# --- shedding what queued too long ----------------------------------------------------------
+
+
+def test_a_request_that_queued_past_the_limit_is_answered_overloaded() -> None:
+    answer = shed(raw(request()), queued_s=3.0, shed_after_s=2.0)
+    assert answer is not None
+    assert (answer.code, answer.reason) == (ErrorCode.OVERLOADED, "queued_too_long")
+    assert (answer.request_id, answer.reply_topic) == ("req-1", "replies.acme")
+    assert error_response(answer).error is not None
+
+
+def test_a_request_within_the_limit_or_with_shedding_off_goes_on() -> None:
+    assert shed(raw(request()), queued_s=1.9, shed_after_s=2.0) is None
+    assert shed(raw(request()), queued_s=600.0, shed_after_s=None) is None
+
+
+def test_high_priority_and_unreadable_messages_are_never_shed() -> None:
+    assert shed(raw(request(priority="high")), queued_s=9.0, shed_after_s=2.0) is None
+    assert shed(raw(request(priority="low")), queued_s=9.0, shed_after_s=2.0) is not None
+    assert shed(b"{not json", queued_s=9.0, shed_after_s=2.0) is None
+    assert shed(raw(request(id=7)), queued_s=9.0, shed_after_s=2.0) is None

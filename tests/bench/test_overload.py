@@ -25,14 +25,19 @@ def test_outcomes_name_the_error_code_or_the_status() -> None:
 
 
 def test_limits_follow_the_sustainable_rate() -> None:
-    settings = limited(Settings(), sustainable_rps=50.0, share=0.8, max_queued=32)
+    settings = limited(
+        Settings(), sustainable_rps=50.0, share=0.8, max_queued=32, shed_queued_ms=100.0
+    )
     quota = settings.ratelimit.for_tenant("anyone")
     assert quota.tenant.requests is not None
     assert (quota.tenant.requests.per_second, quota.tenant.requests.burst) == (40.0, 40.0)
     assert quota.user.requests is None and quota.reserve == 0.0
     assert settings.batch.max_queued == 32
-    free = unlimited(Settings()).ratelimit.for_tenant("anyone").tenant.requests
+    assert settings.limits.shed_queued_ms == 100.0
+    free_settings = unlimited(Settings())
+    free = free_settings.ratelimit.for_tenant("anyone").tenant.requests
     assert free is not None and free.per_second >= 1e9
+    assert free_settings.limits.shed_queued_ms is None
 
 
 def test_memory_trend_fits_a_line_through_the_samples() -> None:

@@ -84,6 +84,10 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedProv
     simulated.stop()
 
 
+# Longer than any test's requests wait on a loaded machine; test_pipeline stamps one older.
+SHED_QUEUED_MS = 300_000.0
+
+
 def pipeline_settings(
     bootstrap: str,
     redis_url: str,
@@ -114,6 +118,7 @@ def pipeline_settings(
             "embedding": settings.embedding.model_copy(update={"enabled": embed}),
             "semantic": settings.semantic.model_copy(update={"enabled": embed}),
             "table_store": table_store,
+            "limits": settings.limits.model_copy(update={"shed_queued_ms": SHED_QUEUED_MS}),
         }
     )
 

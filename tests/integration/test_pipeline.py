@@ -23,8 +23,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.demo import build_workload
 from llmflow.prompts import load_prompts
-from schemas.messages import DeadLetter, ErrorCode, LLMRequest, LLMResponse, Status, StreamChunk
+from schemas.messages import (
+    DeadLetter,
+    ErrorCode,
+    LLMRequest,
+    LLMResponse,
+    Priority,
+    Status,
+    StreamChunk,
+    dump,
+)
 from tests.integration.conftest import (
+    SHED_QUEUED_MS,
     TINY_LIMIT,
     TINY_TENANT,
     WORKER_START_S,
@@ -261,6 +271,22 @@ async def test_every_bad_input_gets_an_error_and_a_dead_letter(
     after = await client.call(new_request(f"after bad input {uuid.uuid4()}", "acme"), 60)
     assert after.status is Status.OK
     assert all(pipeline.workers.alive())
+
+
+async def test_a_request_that_queued_too_long_is_shed_but_high_priority_is_served(
+    client: LLMFlowClient,
+) -> None:
+    """Stamped twice `limits.shed_queued_ms` ago, as if it had queued that long."""
+    stamp_ms = int(time.time() * 1000 - 2 * SHED_QUEUED_MS)
+    queued = new_request(f"queued {uuid.uuid4()}", "acme")
+    urgent = new_request(f"urgent {uuid.uuid4()}", "acme", priority=Priority.HIGH)
+    answers = [client.expect(r.id) for r in (queued, urgent)]
+    for request in (queued, urgent):
+        await client.send_raw(dump(request), key=request.id.encode(), timestamp_ms=stamp_ms)
+    shed, served = [await asyncio.wait_for(answer, 60.0) for answer in answers]
+    assert shed.error is not None, shed
+    assert (shed.error.code, shed.error.reason) == (ErrorCode.OVERLOADED, "queued_too_long")
+    assert served.status is Status.OK, served
 
 
 async def test_deadline_passed_gets_timeout(client: LLMFlowClient) -> None:
