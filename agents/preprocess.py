@@ -346,7 +346,10 @@ def attach(pipeline: Pipeline) -> None:
                     await answer(overloaded)
                     continue
                 try:
-                    accepted.append((event, preprocessor.parse(raw)))
+                    envelope = preprocessor.parse(raw)
+                    envelope.origin_partition = event.message.partition
+                    envelope.origin_offset = event.message.offset
+                    accepted.append((event, envelope))
                 except InvalidRequest as error:
                     await reject(event, error)
                 except Exception as exc:

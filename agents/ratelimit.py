@@ -6,7 +6,8 @@ that owns all of its buckets, inside one event: the limits hold however many wor
 are, and a request is admitted only when every one of its buckets has room (all or nothing:
 a refusal takes from none of them). A request costs one request and prompt_tokens +
 max_tokens tokens, charged at admission: the most it can use, never refunded, and charged
-once: an event redelivered after a crash or rebalance (at-least-once) goes on uncharged.
+once: a request handled again after a crash or rebalance (at-least-once redelivery, here or
+in preprocess) goes on uncharged.
 
 Normal and low priority may use 1 - reserve of each bucket, high priority all of it. The
 rate buckets refill at follows this worker's load: an AIMD controller lowers it while the
@@ -127,13 +128,14 @@ def admit(
 
 @dataclass
 class TenantState:
-    """A tenant's Table value: its buckets, and the offset of the last event each source
-    partition charged them for, with when.
+    """A tenant's Table value: its buckets, and for each partition of llm.requests the
+    offset of the last request from there that charged them, with when.
 
-    A tenant's events come from one partition in offset order, and the value is written in
-    every one of them, so an event at or below the offset kept for its source was charged
-    already: its offset was not committed before a crash or rebalance, and it is seen
-    again. The time bounds that knowledge: a source topic made anew restarts at offset 0.
+    Preprocess handles each partition of llm.requests in offset order and passes the
+    requests on in that order; a request it handles again after a crash or rebalance
+    keeps its offset there (`Envelope.origin_offset`). The value is written with every
+    charge, so a request at or below the offset kept for its partition was charged
+    already. The time bounds that knowledge: a topic made anew restarts at offset 0.
     """
 
     buckets: dict[str, Bucket]
@@ -235,6 +237,14 @@ class StageQueueing:
         return load
 
 
+def origin(envelope: Envelope, event: EventT[bytes]) -> tuple[str, int]:
+    """Where the request came from and at which offset: its place in llm.requests, or,
+    for an envelope that lacks one, the event at hand."""
+    if envelope.origin_partition is None or envelope.origin_offset is None:
+        return f"{event.message.topic}:{event.message.partition}", event.message.offset
+    return f"requests:{envelope.origin_partition}", envelope.origin_offset
+
+
 def attach(pipeline: Pipeline) -> None:
     limits = pipeline.settings.ratelimit
     adaptive = limits.adaptive
@@ -247,7 +257,7 @@ def attach(pipeline: Pipeline) -> None:
         quota = limits.for_tenant(request.tenant)
         now = envelope.stage_entered_at
         state = TenantState.from_json(table.get(request.tenant))
-        source, offset = f"{event.message.topic}:{event.message.partition}", event.message.offset
+        source, offset = origin(envelope, event)
         if state.redelivered(source, offset, now, limits.redelivery_window_s):
             metrics.stage_events.labels(STAGE, "redelivered").inc()
             await pipeline.send("dedup", envelope)

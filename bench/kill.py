@@ -149,8 +149,10 @@ async def trail(settings: Settings, request_ids: list[str]) -> dict[str, list[st
 
 
 def load_limits(settings: Settings, rate: float) -> Settings:
-    """A default quota well above `rate`, so the run measures the kill, not the limiter."""
-    limit = RateLimit(burst=int(rate * 10), per_second=rate * 4)
+    """A default quota well above `rate`, so the run measures the kill, not the limiter:
+    its burst holds the backlog of a minute's stall (the group notices a dead worker only
+    after its session timeout, then the survivor gets the backlog at once)."""
+    limit = RateLimit(burst=int(rate * 60), per_second=rate * 4)
     ratelimit = settings.ratelimit.model_copy(
         update={
             "default": Quota(tenant=Rates(requests=limit), reserve=0.0),

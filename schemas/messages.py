@@ -340,6 +340,13 @@ class Envelope(WireModel):
         default=0.0, description="what answers a cascade set aside for a stronger model's cost"
     )
     received_at: float = Field(default_factory=time.time)
+    origin_partition: int | None = Field(
+        default=None, description="the request's partition of llm.requests, set by preprocess"
+    )
+    origin_offset: int | None = Field(
+        default=None,
+        description="its offset there: the same when a crash has preprocess handle it again",
+    )
     upstream_ms: float = Field(
         default=0.0, description="time in infer's model calls, retries and backoff included"
     )

@@ -4,8 +4,11 @@ priority reserve, the bound on buckets per tenant, and the adaptive rate under l
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import cast
 
 import pytest
+from faust.types import EventT
 from prometheus_client import CollectorRegistry, Histogram
 
 from agents.ratelimit import (
@@ -17,9 +20,10 @@ from agents.ratelimit import (
     admit,
     bound,
     charges,
+    origin,
     refill,
 )
-from schemas.messages import LLMRequest, Priority
+from schemas.messages import Envelope, LLMRequest, Priority
 from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates
 
 LIMIT = RateLimit(burst=3.0, per_second=2.0)
@@ -197,6 +201,26 @@ def test_an_event_at_or_below_the_charged_offset_of_its_source_is_redelivered() 
     assert state.redelivered("t:0", 5, now=101.0, window_s=300.0)
     assert not state.redelivered("t:0", 8, now=101.0, window_s=300.0)
     assert not state.redelivered("t:1", 5, now=101.0, window_s=300.0)
+
+
+@dataclass
+class Message:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class Event:
+    message: Message
+
+
+def test_a_request_is_known_by_its_place_in_llm_requests_else_by_the_event_at_hand() -> None:
+    event = cast(EventT[bytes], Event(Message("llm.stage.ratelimit", 1, 90)))
+    envelope = Envelope(request=request())
+    assert origin(envelope, event) == ("llm.stage.ratelimit:1", 90)
+    envelope.origin_partition, envelope.origin_offset = 3, 17
+    assert origin(envelope, event) == ("requests:3", 17)
 
 
 def test_an_old_charge_says_nothing_of_a_source_topic_made_anew() -> None:
