@@ -275,6 +275,8 @@ class Pipeline:
 
     async def report(self, envelope: Envelope, stage: str, status: Status | None = None) -> None:
         """Tell the request's status record that it reached `stage` (`agents.status`)."""
+        if not self.settings.status.enabled:
+            return
         result = envelope.result
         event = StatusEvent(
             request_id=envelope.request.id,

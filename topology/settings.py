@@ -627,8 +627,14 @@ class FeedbackSettings(Section):
 
 
 class StatusSettings(Section):
-    """How long the status record of a request is kept, per partition of `llm.status`."""
+    """Whether requests report their progress (`llmflow status`), and how long the status
+    record of a request is kept, per partition of `llm.status`."""
 
+    enabled: bool = Field(
+        default=True,
+        description="three reports per request, each a message and a Table write: "
+        "off, `llmflow status` knows nothing and each request costs less",
+    )
     keep_finished_s: float = Field(default=600.0, gt=0, description="after its answer")
     max_age_s: float = Field(default=3600.0, gt=0, description="an unfinished one, since seen")
     max_entries: int = Field(default=100_000, ge=1, description="per partition; oldest go")

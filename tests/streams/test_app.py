@@ -11,7 +11,7 @@ from faust.types import EventT, TopicT
 from schemas.messages import ChatMessage, Envelope, LLMRequest, Role
 from streams.app import Pipeline, handling, key_of, partition_of
 from streams.locality import SemanticBucketer
-from topology.settings import Settings
+from topology.settings import Settings, StatusSettings
 
 
 def envelope(bucket: int | None) -> Envelope:
@@ -41,7 +41,7 @@ class Topic:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, int | None]] = []
 
-    async def send(self, key: bytes, value: bytes, partition: int | None) -> None:
+    async def send(self, key: bytes, value: bytes, partition: int | None = None) -> None:
         self.sent.append((key, partition))
 
 
@@ -100,3 +100,13 @@ def test_without_fusion_or_off_its_partition_or_key_a_request_takes_the_topic() 
     pipeline, seen, topic = fused_pipeline(fusion=True)
     asyncio.run(pipeline.send("cache", envelope(3)))
     assert seen == [] and len(topic.sent) == 1
+
+
+def test_status_reports_go_out_unless_status_is_off() -> None:
+    for enabled, reports in ((True, 1), (False, 0)):
+        settings = Settings()
+        pipeline = Pipeline(settings.model_copy(update={"status": StatusSettings(enabled=enabled)}))
+        topic = Topic()
+        pipeline.stage_topics["status"] = cast(TopicT, topic)
+        asyncio.run(pipeline.report(envelope(3), "preprocess"))
+        assert len(topic.sent) == reports
