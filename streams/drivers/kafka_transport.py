@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -39,6 +40,9 @@ from faust.types import TP, EventT, FutureMessage, Message, RecordMetadata
 from faust.types.core import HeadersArg
 
 SCHEME = "llmflow-kafka"
+# A partition read again from an offset passed over is read again once more if it still
+# lacks it this much later.
+REREAD_AFTER_S = 10.0
 fetch_max_wait_ms = 5
 log = logging.getLogger(__name__)
 # The event whose transaction sends join, where it is not faust's current event.
@@ -62,24 +66,45 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         self._ensure_consumer()._fetcher._prefetch_backoff = fetch_max_wait_ms / 1000
 
 
-def commit_position(acked: Iterable[int], held: Iterable[int], committed: int | None) -> int | None:
-    """The offset to commit for one partition: past every acked message, but never past
-    one delivered and not yet acked (`held`); None when that is not beyond `committed`.
+@dataclass(frozen=True)
+class CommitPlan:
+    """What one partition's commit may do: `position` is the offset to commit (None: nothing
+    new), `lost_from` the first offset that was passed over unhandled (None: none was)."""
 
-    Messages are delivered in offset order, so what is neither acked nor held was never
-    delivered: a transaction marker, a compacted record, or a record not yet fetched (above
-    every delivered one).
+    position: int | None
+    lost_from: int | None = None
+
+
+def plan_commit(
+    acked: Iterable[int], held: Iterable[int], committed: int | None, contiguous: bool
+) -> CommitPlan:
+    """The offset to commit for one partition: past acked messages, but never past one
+    delivered and not yet acked (`held`).
+
+    With `contiguous` (a topic with no offsets that are never delivered: no transaction
+    markers, no compaction), nor past an offset that was neither acked nor held while a
+    later one was acked: faust passed it over around a rebalance, and it is `lost_from`
+    until read again. Without, offsets never delivered (markers) are stepped over.
     """
-    acked_offsets = list(acked)
-    if not acked_offsets:
-        return None
-    position = max(acked_offsets) + 1
-    position = min(
-        [position, *(offset for offset in held if committed is None or offset >= committed)]
-    )
+    done = set(acked)
+    if not done:
+        return CommitPlan(None)
+    pending = [offset for offset in held if committed is None or offset >= committed]
+    limit = min(pending, default=None)
+    lost_from = None
+    if contiguous and committed is not None:
+        position = committed
+        while position in done:
+            position += 1
+        if max(done) > position and position != limit:
+            lost_from = position
+    else:
+        position = max(done) + 1
+    if limit is not None:
+        position = min(position, limit)
     if committed is not None and position <= committed:
-        return None
-    return position
+        return CommitPlan(None, lost_from)
+    return CommitPlan(position, lost_from)
 
 
 class ShortWaitConsumer(faust_aiokafka.Consumer):
@@ -96,19 +121,56 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
     acked out of order (the batch stage acks each request when its batch is done) let it
     commit past an earlier message still in a batch, and a worker killed then lost that
     request, since no one reads it again.
+
+    faust's stream also passes over messages near a rebalance: one stamped with an older
+    generation, or taken while flow is stopped, is skipped after its read offset has
+    moved on (in one worker-kill run the survivor passed over 12 requests of a partition
+    it took over). Without transactions every offset of a topic is delivered, so one
+    neither acked nor held below an acked one (and not jumped over by a fetch: a
+    transaction marker) was skipped: the commit stops before it, and the partition is
+    read again from there.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rereads: dict[TP, tuple[int, float]] = {}
+        self._seeks: set[asyncio.Future[None]] = set()
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
         held = (m.offset for m in self._unacked_messages if m.tp == tp and not m.acked)
-        position = commit_position(acked, held, self._committed_offset[tp])
+        # Offsets faust saw the fetch jump over (transaction markers, compaction).
+        jumped = (o for gap in self._gap[tp] for o in range(gap.begin, gap.end))
+        done = [*acked, *jumped]
+        plan = plan_commit(done, held, self._committed_offset[tp], not self.in_transaction)
+        if plan.lost_from is not None:
+            self._read_again(tp, plan.lost_from)
+        position = plan.position
         if position is None:
             return None
-        done = [offset for offset in acked if offset < position]
+        finished = [offset for offset in acked if offset < position]
         acked[:] = [offset for offset in acked if offset >= position]
-        self._acked_index[tp].difference_update(done)
+        self._acked_index[tp].difference_update(finished)
         self._gap[tp].chop(0, position)
         return position
+
+    def _read_again(self, tp: TP, offset: int) -> None:
+        """Seek back to `offset`, passed over unhandled. Still missing `REREAD_AFTER_S`
+        after that, it is a record no fetch delivers (a transaction marker of a producer
+        that writes the topic, right where a seek began): step over it."""
+        now = time.monotonic()
+        last = self._rereads.get(tp)
+        if last is not None and last[0] == offset:
+            if now - last[1] >= REREAD_AFTER_S:
+                log.warning("%s: offset %d still not delivered; stepping over it", tp, offset)
+                self._gap[tp].addi(offset, offset + 1)
+                del self._rereads[tp]
+            return
+        self._rereads[tp] = (offset, now)
+        log.warning("%s: offset %d was passed over unhandled; reading from it again", tp, offset)
+        task = asyncio.ensure_future(self.seek(tp, offset))
+        self._seeks.add(task)
+        task.add_done_callback(self._seeks.discard)
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ShortWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -1,60 +1,95 @@
-"""The offset a partition commits: never past a message still being handled."""
+"""The offset a partition commits: never past a message still being handled, nor one
+passed over unhandled."""
 
 from __future__ import annotations
 
-from typing import cast
+import asyncio
+from typing import Any, cast
 
 import faust
 from faust.transport.conductor import Conductor
 from faust.types import TP, Message
 
 from streams.drivers import kafka_transport
-from streams.drivers.kafka_transport import commit_position
+from streams.drivers.kafka_transport import CommitPlan, plan_commit
 
 
 def test_in_order_acks_commit_past_the_last() -> None:
-    assert commit_position([10, 11, 12], [], committed=10) == 13
+    assert plan_commit([10, 11, 12], [], committed=10, contiguous=True) == CommitPlan(13)
 
 
 def test_a_held_message_one_past_the_last_commit_holds_the_commit() -> None:
     # faust 0.15 committed 13 here: the head was only one past the committed offset.
-    assert commit_position([11, 12], [10], committed=10) is None
+    assert plan_commit([11, 12], [10], committed=10, contiguous=True) == CommitPlan(None)
 
 
 def test_before_any_commit_a_held_first_message_holds_the_commit() -> None:
     # faust 0.15 checked nothing before a partition's first commit and committed 3.
-    assert commit_position([1, 2], [0], committed=None) == 0
+    assert plan_commit([1, 2], [0], committed=None, contiguous=True) == CommitPlan(0)
 
 
 def test_the_commit_stops_at_the_lowest_held_message() -> None:
-    assert commit_position([10, 11, 13, 14], [12, 15], committed=10) == 12
+    plan = plan_commit([10, 11, 13, 14], [12, 15], committed=10, contiguous=True)
+    assert plan == CommitPlan(12)
 
 
-def test_offsets_never_delivered_do_not_hold_the_commit() -> None:
+def test_an_offset_passed_over_unhandled_holds_the_commit_and_is_read_again() -> None:
+    # 12 was neither acked nor is it being handled, yet 13 was: faust skipped it.
+    plan = plan_commit([10, 11, 13], [], committed=10, contiguous=True)
+    assert plan == CommitPlan(12, lost_from=12)
+    assert plan_commit([13], [], committed=12, contiguous=True) == CommitPlan(None, lost_from=12)
+
+
+def test_under_transactions_offsets_never_delivered_do_not_hold_the_commit() -> None:
     # 12 is a transaction marker: nothing delivers it, so nothing waits for it.
-    assert commit_position([10, 11, 13], [], committed=10) == 14
+    assert plan_commit([10, 11, 13], [], committed=10, contiguous=False) == CommitPlan(14)
 
 
 def test_held_messages_below_the_commit_are_from_before_a_rebalance() -> None:
-    assert commit_position([20, 21], [5], committed=20) == 22
+    assert plan_commit([20, 21], [5], committed=20, contiguous=True) == CommitPlan(22)
 
 
 def test_nothing_acked_commits_nothing() -> None:
-    assert commit_position([], [10], committed=10) is None
+    assert plan_commit([], [10], committed=10, contiguous=True) == CommitPlan(None)
+
+
+TP0 = TP("t", 0)
+
+
+def worker_consumer(delivered: list[int], committed: int) -> tuple[Any, list[Message]]:
+    """The worker's consumer with `delivered` offsets of TP0 tracked (no broker is reached),
+    and the messages."""
+    app = faust.App("test-commit", broker=f"{kafka_transport.register(5)}://localhost:1")
+    cast(Conductor, app.topics)._acking_topics.add("t")  # as once agents subscribe
+    consumer: Any = app.consumer
+    messages = [Message("t", 0, offset, 0.0, 0, {}, None, b"", None) for offset in delivered]
+    for message in messages:
+        consumer.track_message(message)
+    consumer._committed_offset[TP0] = committed
+    return consumer, messages
 
 
 def test_the_worker_consumer_holds_its_commit_for_a_message_acked_late() -> None:
-    """faust's own bookkeeping around `commit_position`: no broker is reached."""
-    app = faust.App("test-commit", broker=f"{kafka_transport.register(5)}://localhost:1")
-    cast(Conductor, app.topics)._acking_topics.add("t")  # as once agents subscribe
-    consumer = cast(kafka_transport.ShortWaitConsumer, app.consumer)
-    tp = TP("t", 0)
-    messages = [Message("t", 0, offset, 0.0, 0, {}, None, b"", None) for offset in (10, 11, 12)]
-    for message in messages:
-        consumer.track_message(message)
-    consumer._committed_offset[tp] = 10
+    consumer, messages = worker_consumer([10, 11, 12], committed=10)
     consumer.ack(messages[1])
     consumer.ack(messages[2])
-    assert consumer._filter_committable_offsets([tp]) == {}  # faust 0.15: {tp: 13}
+    assert consumer._filter_committable_offsets([TP0]) == {}  # faust 0.15: {TP0: 13}
     consumer.ack(messages[0])
-    assert consumer._filter_committable_offsets([tp]) == {tp: 13}
+    assert consumer._filter_committable_offsets([TP0]) == {TP0: 13}
+
+
+def test_the_worker_consumer_reads_a_passed_over_offset_again() -> None:
+    async def scenario() -> list[tuple[TP, int]]:
+        consumer, messages = worker_consumer([11], committed=10)  # 10 never reached a stream
+        sought: list[tuple[TP, int]] = []
+
+        async def seek(tp: TP, offset: int) -> None:
+            sought.append((tp, offset))
+
+        consumer.seek = seek
+        consumer.ack(messages[0])
+        assert consumer._filter_committable_offsets([TP0]) == {}  # faust 0.15: {TP0: 12}
+        await asyncio.sleep(0)
+        return sought
+
+    assert asyncio.run(scenario()) == [(TP0, 10)]
