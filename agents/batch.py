@@ -38,6 +38,7 @@ from schemas.messages import Envelope, ErrorCode, Priority, Result, Status, Stre
 from streams import metrics
 from streams.app import Pipeline
 from streams.drivers.backends import open_backends
+from streams.drivers.kafka_transport import on_behalf_of
 from topology.settings import BatchSettings
 
 STAGE = "batch"
@@ -381,13 +382,16 @@ def attach(pipeline: Pipeline) -> None:
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def batch(stream: StreamT[bytes]) -> None:
         """Each event is acked once its request is answered or handed on; one whose answer
-        could not even be sent stays unacked, so a restart delivers it again."""
+        could not even be sent stays unacked, so a restart delivers it again. Batches run
+        in their own tasks, so what they send is sent on behalf of its event (exactly-once
+        puts it in that event's transaction)."""
         manual = cast(Stream[bytes], stream).noack()
         Pending = tuple[EventT[bytes], Envelope]
 
         async def settle(event: EventT[bytes], handing_on: Awaitable[None]) -> None:
             try:
-                await handing_on
+                with on_behalf_of(event):
+                    await handing_on
             except Exception:
                 log.exception("could not answer or hand on offset %s", event.message.offset)
                 return
@@ -410,8 +414,9 @@ def attach(pipeline: Pipeline) -> None:
             """Run the model; the answers go on in their own task, so the model's slot is
             free for the next batch while they are sent."""
             metrics.batch_size.labels(model).observe(len(items))
-            for _, envelope in items:
-                await pipeline.report(envelope, "infer")
+            for event, envelope in items:
+                with on_behalf_of(event):
+                    await pipeline.report(envelope, "infer")
             with metrics.batch_processing(model, len(items)):
                 await runner.run([e for _, e in items])
             task = asyncio.create_task(hand_on_all(items))

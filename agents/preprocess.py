@@ -40,6 +40,7 @@ from schemas.messages import (
 )
 from streams import metrics
 from streams.app import Pipeline, raw_bytes
+from streams.drivers.kafka_transport import on_behalf_of
 from streams.locality import SemanticBucketer
 from topology.settings import Settings
 
@@ -332,31 +333,35 @@ def attach(pipeline: Pipeline) -> None:
 
     @pipeline.app.agent(pipeline.requests_topic, name=STAGE)
     async def preprocess(stream: StreamT[bytes]) -> None:
-        """Parse a batch, embed its valid requests in one model run, then pass each on."""
+        """Parse a batch, embed its valid requests in one model run, then pass each on.
+        faust fills the batch from another task, so what is sent for an event is sent on
+        behalf of it (exactly-once puts it in that event's transaction)."""
         batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_wait_s)
         async for events in batches:
             accepted: list[tuple[EventT[bytes], Envelope]] = []
             now = time.time()
             for event in events:
-                raw = raw_bytes(event)
-                stamp = event.message.timestamp
-                queued_s = now - stamp if stamp else 0.0
-                overloaded = shed(raw, queued_s, shed_after_s)
-                if overloaded is not None:
-                    await answer(overloaded)
-                    continue
-                try:
-                    envelope = preprocessor.parse(raw)
-                    envelope.origin_partition = event.message.partition
-                    envelope.origin_offset = event.message.offset
-                    accepted.append((event, envelope))
-                except InvalidRequest as error:
-                    await reject(event, error)
-                except Exception as exc:
-                    await reject_crash(event, exc)
+                with on_behalf_of(event):
+                    raw = raw_bytes(event)
+                    stamp = event.message.timestamp
+                    queued_s = now - stamp if stamp else 0.0
+                    overloaded = shed(raw, queued_s, shed_after_s)
+                    if overloaded is not None:
+                        await answer(overloaded)
+                        continue
+                    try:
+                        envelope = preprocessor.parse(raw)
+                        envelope.origin_partition = event.message.partition
+                        envelope.origin_offset = event.message.offset
+                        accepted.append((event, envelope))
+                    except InvalidRequest as error:
+                        await reject(event, error)
+                    except Exception as exc:
+                        await reject_crash(event, exc)
             if encoder is not None:
                 await embed_last_user_turns(
                     encoder, pipeline.bucketer, [envelope for _, envelope in accepted]
                 )
             for event, envelope in accepted:
-                await forward(event, envelope)
+                with on_behalf_of(event):
+                    await forward(event, envelope)

@@ -200,10 +200,14 @@ class LLMFlowClient:
         self._stream_lock = asyncio.Lock()
 
     def _tail_consumer(self) -> AIOKafkaConsumer:
+        """Under exactly-once, answers a crashed worker sent in a transaction it never
+        committed are aborted, and only a read_committed consumer skips them."""
+        exactly_once = self.settings.processing_guarantee == "exactly_once"
         return AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap_servers,
             enable_auto_commit=False,
             fetch_max_wait_ms=self.settings.consumer_fetch_max_wait_ms,
+            isolation_level="read_committed" if exactly_once else "read_uncommitted",
         )
 
     async def _read_from_end(self, consumer: AIOKafkaConsumer, topic: str) -> None:

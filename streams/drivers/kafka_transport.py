@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -64,6 +64,34 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         now waits no longer than an empty fetch does."""
         await super().on_start()
         self._ensure_consumer()._fetcher._prefetch_backoff = fetch_max_wait_ms / 1000
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        return cast(Mapping[TP, int], await self.call_thread(self._seek_to_committed))
+
+    async def _seek_to_committed(self) -> dict[TP, int]:
+        """Under exactly-once, never back past what this worker delivered since the
+        partition's assignment (see ShortWaitConsumer), nor past its own last commit: a
+        transactional commit is read back only once the coordinator has written its
+        markers, which it does after the commit returns (Java asks for stable offsets,
+        KIP-447; aiokafka cannot), so right after a rebalance a kept partition read an
+        older offset and its last events were handled twice. A partition new to this worker
+        is stable: its transactional producer's start waited for the last owner's
+        transaction to end."""
+        consumer = self._ensure_consumer()
+        committed: dict[TP, int] = await consumer.seek_to_committed()
+        owner = cast(ShortWaitConsumer, self.consumer)
+        if not owner.in_transaction:
+            return committed
+        own_commits = cast(EventTransactions, owner.transactions).committed
+        for tp, offset in committed.items():
+            key = TP(tp.topic, tp.partition)
+            delivered = owner.delivered.get(key)
+            floors = [own_commits.get(key), None if delivered is None else delivered + 1]
+            floor = max((f for f in floors if f is not None), default=None)
+            if floor is not None and (offset is None or floor > offset):
+                consumer.seek(tp, floor)
+                committed[tp] = floor
+        return committed
 
 
 @dataclass(frozen=True)
@@ -129,12 +157,20 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
     neither acked nor held below an acked one (and not jumped over by a fetch: a
     transaction marker) was skipped: the commit stops before it, and the partition is
     read again from there.
+
+    After a rebalance faust resumes the stream partitions before it seeks them back to their
+    commits, and may seek twice: aiokafka delivered records from where it stood, the seek
+    rewound, and faust delivered them again. Under exactly-once, where an offset must be
+    handled once, a partition stays paused in aiokafka from its assignment until it has been
+    seeked, and no later seek rewinds past what was delivered since (`delivered`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._unseeked: set[TP] = set()
         self._rereads: dict[TP, tuple[int, float]] = {}
         self._seeks: set[asyncio.Future[None]] = set()
+        self.delivered: dict[TP, int] = {}
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
@@ -175,10 +211,38 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ShortWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """Under exactly-once, commit what was handled before faust forgets it: it drops
+        every revoked partition's acks (all of them, as aiokafka's rebalances revoke all)
+        before it waits for the events in flight and commits, so the events acked since the
+        last commit were handled again after the rebalance, their outputs sent twice."""
+        if self.in_transaction:
+            await self.commit()
+        await super().on_partitions_revoked(revoked)
+
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
-        """Changelogs are read only while recovering, which resumes them; pause them first."""
-        self._in_consumer_thread("pause", [tp for tp in assigned if self._is_changelog_tp(tp)])
+        """Changelogs are read only while recovering, which resumes them; pause them first,
+        and under exactly-once the stream partitions too, until they are seeked."""
+        if self.in_transaction:
+            self._unseeked = {tp for tp in assigned if not self._is_changelog_tp(tp)}
+            self.delivered = {}
+        paused = [tp for tp in assigned if self._is_changelog_tp(tp) or tp in self._unseeked]
+        self._in_consumer_thread("pause", paused)
         await super().on_partitions_assigned(assigned, generation_id)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        """Notes what was delivered since the assignment: no later seek rewinds past it."""
+        async for tp, message in super().getmany(timeout):
+            if self.in_transaction and not self._is_changelog_tp(tp):
+                self.delivered[tp] = message.offset
+            yield tp, message
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        seeked, self._unseeked = self._unseeked, set()
+        self._in_consumer_thread(
+            "resume", [tp for tp in seeked if tp not in self._paused_partitions]
+        )
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
         tps = list(tps)
@@ -188,7 +252,7 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
     def resume_partitions(self, tps: Iterable[TP]) -> None:
         tps = list(tps)
         super().resume_partitions(tps)
-        self._in_consumer_thread("resume", tps)
+        self._in_consumer_thread("resume", [tp for tp in tps if tp not in self._unseeked])
 
     def _in_consumer_thread(self, action: str, tps: list[TP]) -> None:
         """aiokafka's consumer belongs to the consumer thread's loop: change it there."""
@@ -256,6 +320,9 @@ class EventTransactions(TransactionManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deferred: dict[TP, list[Deferred]] = {}
+        # This worker's last commit of each partition it has: faust forgets its own at
+        # every rebalance, and the broker may not show it yet (ShortWaitConsumerThread).
+        self.committed: dict[TP, int] = {}
 
     def transactional_id(self, tp: TP) -> str:
         """faust's id for the transaction that commits `tp`'s offsets."""
@@ -298,6 +365,7 @@ class EventTransactions(TransactionManager):
         for tp, offset in offsets.items():
             await self._release(tp, offset)
         committed: bool = await super().commit(offsets, start_new_transaction)
+        self.committed.update(offsets)
         return committed
 
     async def _release(self, tp: TP, offset: int) -> None:
@@ -315,17 +383,44 @@ class EventTransactions(TransactionManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
-        """A revoked partition's held outputs go: its new owner redoes their events."""
+        """A revoked partition's held outputs go: its new owner redoes their events. Its
+        producer stops too: faust stops only those of partitions that are not now standbys,
+        and its assignor makes a partition another worker took a standby here, so the
+        producer lived on, fenced by the new owner, and was taken up again, fenced, when
+        the partition came back (the survivor of a kill crashed on it)."""
         for tp in revoked:
+            self.committed.pop(tp, None)
             dropped = self._deferred.pop(tp, [])
             if dropped:
                 log.info("dropped %d outputs of %s, revoked before their commit", len(dropped), tp)
+        producer = cast(TransactionalProducer, self.producer)
+        kept = self._tps_to_transactional_ids(assigned)
+        await self._stop_transactions(sorted(producer.transactional_ids() - kept))
         await super().on_rebalance(assigned, revoked, newly_assigned)
 
 
 class TransactionalProducer(faust_aiokafka.Producer):
     def holds(self, transactional_id: str) -> bool:
         return transactional_id in self._transaction_producers
+
+    def transactional_ids(self) -> set[str]:
+        return set(self._transaction_producers)
+
+    async def commit_transactions(
+        self,
+        tid_to_offset_map: Mapping[str, Mapping[TP, int]],
+        group_id: str,
+        start_new_transaction: bool = True,
+    ) -> None:
+        """All at once: faust commits one transaction after another, several round trips
+        each, and every hop under exactly-once waits for its sender's commit."""
+        commit = super().commit_transactions
+        await asyncio.gather(
+            *(
+                commit({tid: offsets}, group_id, start_new_transaction)
+                for tid, offsets in tid_to_offset_map.items()
+            )
+        )
 
     async def maybe_begin_transaction(self, transactional_id: str) -> None:
         """Begin only where no transaction is open: faust begins on every assigned

@@ -62,6 +62,24 @@ async def assert_all_answered(settings: Settings, record: LoadRecord, run_dir: P
 
 
 @pytest.mark.timeout(600)
+async def test_exactly_once_a_killed_worker_answers_every_request_once(
+    kafka_bootstrap: str, redis_url: str, provider: SimulatedProvider, tmp_path: Path
+) -> None:
+    """In transactions the survivor redoes only what the dead worker had not committed, and
+    the client reads committed answers only: each request is answered ok, once."""
+    settings = fault_settings(kafka_bootstrap, redis_url, provider, "kill-worker-eos")
+    settings = settings.model_copy(update={"processing_guarantee": "exactly_once"})
+    await create_topics(settings)
+    with Workers(settings, tmp_path, 2) as workers:
+        record = await run_with_kill(
+            settings, workers, workers.processes[0].kill, "kill worker, exactly once"
+        )
+        assert workers.alive() == [False, True]
+        await assert_all_answered(settings, record, tmp_path)
+    assert record.duplicates == 0
+
+
+@pytest.mark.timeout(600)
 async def test_a_killed_broker_of_three_loses_no_request(
     redis_url: str, provider: SimulatedProvider, tmp_path: Path
 ) -> None:

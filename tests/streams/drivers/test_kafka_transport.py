@@ -1,14 +1,20 @@
 """The offset a partition commits: never past a message still being handled, nor one
-passed over unhandled."""
+passed over unhandled; under exactly-once, the transaction each send joins and when it goes
+out."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, cast
 
 import faust
+import pytest
+from faust.assignor import PartitionAssignor
 from faust.transport.conductor import Conductor
-from faust.types import TP, Message
+from faust.types import TP, EventT, Message
+from faust.types.transports import ProducerT
 
 from streams.drivers import kafka_transport
 from streams.drivers.kafka_transport import CommitPlan, plan_commit
@@ -93,3 +99,99 @@ def test_the_worker_consumer_reads_a_passed_over_offset_again() -> None:
         return sought
 
     assert asyncio.run(scenario()) == [(TP0, 10)]
+
+
+class Producer:
+    """Stands in for the worker's TransactionalProducer: what was sent, in which
+    transaction, and which transactions committed which offsets."""
+
+    def __init__(self, transactional_ids: set[str]) -> None:
+        self._transaction_producers = dict.fromkeys(transactional_ids)
+        self.sent: list[tuple[bytes | None, str | None]] = []
+        self.committed: list[dict[str, dict[TP, int]]] = []
+        self.stopped: list[str] = []
+        self.begun: list[str] = []
+
+    holds = kafka_transport.TransactionalProducer.holds
+    transactional_ids = kafka_transport.TransactionalProducer.transactional_ids
+
+    async def send(self, *args: Any, transactional_id: str | None = None) -> asyncio.Future[Any]:
+        self.sent.append((args[2], transactional_id))
+        delivered: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        delivered.set_result(None)
+        return delivered
+
+    async def commit_transactions(
+        self,
+        offsets: Mapping[str, Mapping[TP, int]],
+        group_id: str,
+        start_new_transaction: bool,
+    ) -> None:
+        self.committed.append({tid: dict(o) for tid, o in offsets.items()})
+
+    async def stop_transaction(self, transactional_id: str) -> None:
+        self.stopped.append(transactional_id)
+        self._transaction_producers.pop(transactional_id)
+
+    async def maybe_begin_transaction(self, transactional_id: str) -> None:
+        self.begun.append(transactional_id)
+
+
+def transactions(held: set[str]) -> tuple[kafka_transport.EventTransactions, Producer]:
+    app = faust.App(
+        "eos",
+        broker=f"{kafka_transport.register(5)}://localhost:1",
+        processing_guarantee="exactly_once",
+    )
+    cast(PartitionAssignor, app.assignor)._topic_groups = {"in": 0, "out": 0}
+    producer = Producer(held)
+    manager = cast(kafka_transport.EventTransactions, app.consumer.transactions)
+    manager.producer = cast(ProducerT, producer)
+    return manager, producer
+
+
+def event(partition: int, offset: int) -> EventT[bytes]:
+    message = Message("in", partition, offset, 0.0, 0, {}, None, b"", None)
+    return cast(EventT[bytes], SimpleNamespace(message=message))
+
+
+async def test_an_event_s_sends_wait_for_the_commit_past_its_offset() -> None:
+    """faust 0.15 sent at once, in the transaction of the partition sent to."""
+    manager, producer = transactions({"eos-0-1"})
+    with kafka_transport.on_behalf_of(event(1, 10)):
+        await manager.send("out", b"k", b"answer", 3, None, None)
+    assert producer.sent == []
+    await manager.commit({TP("in", 1): 10})
+    assert producer.sent == []
+    await manager.commit({TP("in", 1): 11})
+    assert producer.sent == [(b"answer", "eos-0-1")]
+    assert producer.committed[-1] == {"eos-0-1": {TP("in", 1): 11}}
+
+
+async def test_a_send_for_no_event_goes_out_at_once_outside_any_transaction() -> None:
+    manager, producer = transactions({"eos-0-1"})
+    await manager.send("in", b"k", b"signal", 1, None, None)
+    assert producer.sent == [(b"signal", None)]
+
+
+async def test_a_send_for_an_event_of_a_partition_gone_is_refused() -> None:
+    manager, _producer = transactions({"eos-0-1"})
+    with (
+        kafka_transport.on_behalf_of(event(2, 10)),
+        pytest.raises(kafka_transport.PartitionRevoked),
+    ):
+        await manager.send("out", b"k", b"answer", 3, None, None)
+
+
+async def test_a_rebalance_stops_the_producers_of_partitions_not_kept() -> None:
+    """faust 0.15 kept those of partitions that became standbys here, as the other
+    worker's partitions do."""
+    manager, producer = transactions({"eos-0-0", "eos-0-1"})
+    cast(PartitionAssignor, manager.app.assignor)._standby_tps = {TP("in", 1)}
+    with kafka_transport.on_behalf_of(event(1, 10)):
+        await manager.send("out", b"k", b"answer", 3, None, None)
+    await manager.on_rebalance({TP("in", 0)}, {TP("in", 1)}, set())
+    assert producer.stopped == ["eos-0-1"]
+    assert producer.begun == ["eos-0-0"]
+    await manager.commit({TP("in", 1): 11})
+    assert producer.sent == []
