@@ -62,6 +62,19 @@ async def assert_all_answered(settings: Settings, record: LoadRecord, run_dir: P
 
 
 @pytest.mark.timeout(600)
+async def test_a_killed_worker_loses_no_request(
+    kafka_bootstrap: str, redis_url: str, provider: SimulatedProvider, tmp_path: Path
+) -> None:
+    settings = fault_settings(kafka_bootstrap, redis_url, provider, "kill-worker")
+    await create_topics(settings)
+    with Workers(settings, tmp_path, 2) as workers:
+        record = await run_with_kill(settings, workers, workers.processes[0].kill, "kill worker")
+        assert workers.alive() == [False, True]
+        await assert_all_answered(settings, record, tmp_path)
+    assert record.backlog_s() is not None
+
+
+@pytest.mark.timeout(600)
 async def test_exactly_once_a_killed_worker_answers_every_request_once(
     kafka_bootstrap: str, redis_url: str, provider: SimulatedProvider, tmp_path: Path
 ) -> None:
