@@ -164,10 +164,13 @@ class TenantState:
             return cls({"tenant:requests:": Bucket.from_json(stored)}, {})
         assert isinstance(stored, dict)
         if "buckets" not in stored:
-            return cls({key: Bucket.from_json(value) for key, value in stored.items()}, {})
+            return cls(_buckets(stored), {})
         charged = {s: (int(last[0]), float(last[1])) for s, last in stored["charged"].items()}
-        buckets = {key: Bucket.from_json(value) for key, value in stored["buckets"].items()}
-        return cls(buckets, charged)
+        return cls(_buckets(stored["buckets"]), charged)
+
+
+def _buckets(stored: dict[str, list[float]]) -> dict[str, Bucket]:
+    return {key: Bucket.from_json(value) for key, value in stored.items()}
 
 
 def bound(buckets: dict[str, Bucket], now: float, full_after_s: float, most: int) -> int:
