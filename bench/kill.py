@@ -133,6 +133,8 @@ async def trail(settings: Settings, request_ids: list[str]) -> dict[str, list[st
     """Where each of `request_ids` was seen: every topic (changelogs too) whose records
     carry the id, as `topic[partition]@offset`, in order. An unanswered request's trail
     ends where it was lost."""
+    if not request_ids:
+        return {}
     wanted = {rid.encode(): rid for rid in request_ids}
     partitions = [
         TopicPartition(spec.name, p)
