@@ -333,6 +333,12 @@ class EventTransactions(TransactionManager):
         producer = cast(TransactionalProducer, self.producer)
         if not producer.holds(self.transactional_id(source.tp)):
             raise PartitionRevoked(f"{source.tp} is no longer assigned to this worker")
+        generation = self.app.consumer_generation_id
+        if source.generation_id is not None and source.generation_id != generation:
+            raise PartitionRevoked(
+                f"{source.tp}@{source.offset} was read in generation {source.generation_id}, "
+                f"before the rebalance to {generation}: it is read again from its commit"
+            )
         self._deferred.setdefault(source.tp, []).append(Deferred(source.offset, release))
 
     async def send(
@@ -383,16 +389,20 @@ class EventTransactions(TransactionManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
-        """A revoked partition's held outputs go: its new owner redoes their events. Its
-        producer stops too: faust stops only those of partitions that are not now standbys,
-        and its assignor makes a partition another worker took a standby here, so the
-        producer lived on, fenced by the new owner, and was taken up again, fenced, when
-        the partition came back (the survivor of a kill crashed on it)."""
+        """Every held output goes: a revoked partition's new owner redoes its events, and a
+        kept partition is seeked back to its commit, below every held output's event, so
+        this worker redoes them (keeping them answered those requests twice, in one
+        committed transaction). A revoked partition's producer stops too: faust stops only
+        those of partitions that are not now standbys, and its assignor makes a partition
+        another worker took a standby here, so the producer lived on, fenced by the new
+        owner, and was taken up again, fenced, when the partition came back (the survivor
+        of a kill crashed on it)."""
         for tp in revoked:
             self.committed.pop(tp, None)
-            dropped = self._deferred.pop(tp, [])
+        for tp, dropped in self._deferred.items():
             if dropped:
-                log.info("dropped %d outputs of %s, revoked before their commit", len(dropped), tp)
+                log.info("dropped %d outputs of %s, uncommitted at a rebalance", len(dropped), tp)
+        self._deferred.clear()
         producer = cast(TransactionalProducer, self.producer)
         kept = self._tps_to_transactional_ids(assigned)
         await self._stop_transactions(sorted(producer.transactional_ids() - kept))

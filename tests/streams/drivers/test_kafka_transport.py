@@ -150,8 +150,9 @@ def transactions(held: set[str]) -> tuple[kafka_transport.EventTransactions, Pro
     return manager, producer
 
 
-def event(partition: int, offset: int) -> EventT[bytes]:
+def event(partition: int, offset: int, generation: int | None = None) -> EventT[bytes]:
     message = Message("in", partition, offset, 0.0, 0, {}, None, b"", None)
+    message.generation_id = generation
     return cast(EventT[bytes], SimpleNamespace(message=message))
 
 
@@ -195,3 +196,30 @@ async def test_a_rebalance_stops_the_producers_of_partitions_not_kept() -> None:
     assert producer.begun == ["eos-0-0"]
     await manager.commit({TP("in", 1): 11})
     assert producer.sent == []
+
+
+async def test_a_rebalance_drops_the_held_outputs_of_kept_partitions_too() -> None:
+    """A kept partition is seeked back to its commit and its events done again: kept, the
+    first outputs went out beside the second ones, two answers in one transaction."""
+    manager, producer = transactions({"eos-0-1"})
+    with kafka_transport.on_behalf_of(event(1, 10)):
+        await manager.send("out", b"k", b"first", 3, None, None)
+    await manager.on_rebalance({TP("in", 1)}, set(), set())
+    with kafka_transport.on_behalf_of(event(1, 10)):
+        await manager.send("out", b"k", b"again", 3, None, None)
+    await manager.commit({TP("in", 1): 11})
+    assert producer.sent == [(b"again", "eos-0-1")]
+
+
+async def test_a_send_for_an_event_read_before_the_last_rebalance_is_refused() -> None:
+    manager, producer = transactions({"eos-0-1"})
+    manager.app.consumer_generation_id = 4
+    with (
+        kafka_transport.on_behalf_of(event(1, 10, generation=3)),
+        pytest.raises(kafka_transport.PartitionRevoked),
+    ):
+        await manager.send("out", b"k", b"late", 3, None, None)
+    with kafka_transport.on_behalf_of(event(1, 10, generation=4)):
+        await manager.send("out", b"k", b"current", 3, None, None)
+    await manager.commit({TP("in", 1): 11})
+    assert producer.sent == [(b"current", "eos-0-1")]
