@@ -33,6 +33,7 @@ from bench.load import (
     open_loop,
     summary_ms,
 )
+from llmflow.brokers import KafkaBroker, TansuBroker
 from llmflow.client import LLMFlowClient
 from llmflow.reports import write_report
 from schemas.messages import ChatMessage, GenerationParams, LLMRequest, LLMResponse, Status
@@ -60,6 +61,33 @@ def process_usage(pid: int) -> ProcessUsage:
         resident_pages = int(handle.read().split()[1])
     utime, stime = int(fields[11]), int(fields[12])
     return ProcessUsage((utime + stime) / CLOCK_TICKS, resident_pages * PAGE_BYTES)
+
+
+ROLES = (("tansu", "broker"), ("redis-server", "redis"), ("provider", "provider"))
+
+
+def role_of(pid: int) -> str:
+    """What a process of the stack is, from its command line."""
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        command = handle.read().decode(errors="replace")
+    return next((role for word, role in ROLES if word in command), "other")
+
+
+def stack_processes(workers: list[int], broker: int | None = None) -> dict[str, list[int]]:
+    """This process (the bench client) and the processes it started, by role: the workers,
+    the broker, Redis, the provider; what the pipeline costs beyond the workers. Apache
+    Kafka's JVM is detached, so its pid is given."""
+    children: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as handle:
+            children += [int(pid) for pid in handle.read().split()]
+    groups: dict[str, list[int]] = {"workers": list(workers), "client": [os.getpid()]}
+    if broker is not None:
+        groups["broker"] = [broker]
+    for pid in children:
+        if pid not in workers and pid != broker:
+            groups.setdefault(role_of(pid), []).append(pid)
+    return groups
 
 
 class ResourceMeter:
@@ -91,16 +119,18 @@ class ResourceMeter:
         self._task = asyncio.create_task(self._run())
 
     def stop(self) -> dict[str, Any]:
-        """Per worker and in all: CPU as % of one core, peak RSS in MiB."""
+        """Per process and in all: CPU seconds and % of one core, peak RSS in MiB."""
         if self._task is not None:
             self._task.cancel()
         last = self._sample()
         wall = max(time.monotonic() - self._started, 1e-9)
-        cpu = {pid: 100.0 * (last[pid].cpu_s - self._first[pid].cpu_s) / wall for pid in self.pids}
+        cpu_s = {pid: last[pid].cpu_s - self._first[pid].cpu_s for pid in self.pids}
+        cpu = {pid: 100.0 * cpu_s[pid] / wall for pid in self.pids}
         return {
+            "cpu_s": round(sum(cpu_s.values()), 3),
             "cpu_percent_of_one_core": round(sum(cpu.values()), 1),
             "peak_rss_mib": round(sum(self.peak_rss.values()) / 2**20, 1),
-            "workers": [
+            "processes": [
                 {
                     "pid": pid,
                     "cpu_percent": round(cpu[pid], 1),
@@ -147,6 +177,21 @@ def run_summary(run: LoadRun) -> dict[str, Any]:
     }
 
 
+def cpu_per_request(resources: dict[str, dict[str, Any]], run: LoadRun) -> dict[str, Any]:
+    """CPU milliseconds each answered request cost each part of the stack, and the rate
+    this machine's cores could carry at that cost: the ceiling no tuning of waits lifts."""
+    answered = max(1, sum(s.answered for s in run.samples))
+    per_request = {role: 1e3 * r["cpu_s"] / answered for role, r in resources.items()}
+    total = sum(per_request.values())
+    return {
+        "cpu_ms_per_request": {
+            **{role: round(ms, 3) for role, ms in per_request.items()},
+            "all": round(total, 3),
+        },
+        "cpu_bound_rps": round((os.cpu_count() or 1) * 1e3 / total, 1) if total else 0.0,
+    }
+
+
 def bench_settings(base: Settings, fusion: bool, embed: bool) -> Settings:
     """Limits far above any rate tried, so the bench measures the path, not the limiter."""
     limit = RateLimit(burst=1e6, per_second=1e6)
@@ -166,7 +211,9 @@ def bench_settings(base: Settings, fusion: bool, embed: bool) -> Settings:
     )
 
 
-async def measure(settings: Settings, pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    settings: Settings, pids: list[int], args: argparse.Namespace, broker: int | None = None
+) -> dict[str, Any]:
     """Warm up, run the open loop at `args.rate` with the workers metered, then search the
     max sustained rate; every run uses its own tenants, so none hits another's cache."""
     spec = WorkloadSpec(
@@ -188,10 +235,13 @@ async def measure(settings: Settings, pids: list[int], args: argparse.Namespace)
             return await open_loop(send, items, rate, args.seed, args.timeout_s)
 
         warm = await run_at(WARM_UP_RPS, WARM_UP_REQUESTS / WARM_UP_RPS, "warm-up")
-        meter = ResourceMeter(pids)
-        meter.start()
+        meters = {
+            role: ResourceMeter(group) for role, group in stack_processes(pids, broker).items()
+        }
+        for meter in meters.values():
+            meter.start()
         main = await run_at(args.rate, args.duration, "main")
-        resources = meter.stop()
+        resources = {role: meter.stop() for role, meter in meters.items()}
         criteria = SustainCriteria(max_p99_ms=args.latency_ms + args.max_overhead_p99_ms)
         trials = itertools.count()
         search = await max_sustained_rate(
@@ -204,7 +254,9 @@ async def measure(settings: Settings, pids: list[int], args: argparse.Namespace)
     return {
         **run_summary(main),
         "warm_up": {"requests": len(warm.samples), "statuses": warm.statuses()},
-        "workers": resources,
+        "workers": resources["workers"],
+        "stack": resources,
+        **cpu_per_request(resources, main),
         "max_sustained_rps": search.max_sustained_rps,
         "search": [
             {
@@ -224,9 +276,10 @@ def run_one(base: Settings, fusion: bool, args: argparse.Namespace) -> dict[str,
 
     settings = bench_settings(base, fusion, args.embed)
     provider_args = ["--latency-ms", str(args.latency_ms), "--latency-jitter-ms", "0"]
-    with _embedded(settings, args.workers, provider_args) as (running, workers):
+    broker = KafkaBroker() if args.broker == "kafka" else TansuBroker()
+    with _embedded(settings, args.workers, provider_args, broker) as (running, workers):
         pids = [p.pid for p in workers.processes]
-        result = asyncio.run(measure(running, pids, args))
+        result = asyncio.run(measure(running, pids, args, broker.pid))
     return {"fusion": fusion, **result}
 
 
@@ -239,6 +292,9 @@ COMPARED = (
     ("max sustained req/s", "max_sustained_rps"),
     ("worker CPU % of a core", ("workers", "cpu_percent_of_one_core")),
     ("worker peak RSS MiB", ("workers", "peak_rss_mib")),
+    ("worker CPU ms/request", ("cpu_ms_per_request", "workers")),
+    ("all CPU ms/request", ("cpu_ms_per_request", "all")),
+    ("CPU-bound req/s", "cpu_bound_rps"),
 )
 
 
@@ -284,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "pipeline",
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "workers": args.workers,
+        "broker": args.broker,
         "provider_latency_ms": args.latency_ms,
         "duration_s": args.duration,
         "duplicate_share": args.duplicate_share,
@@ -299,6 +356,8 @@ def run(args: argparse.Namespace) -> int:
         "overhead_p50_ms": primary["overhead_p50_ms"],
         "overhead_p99_ms": primary["overhead_p99_ms"],
         "max_sustained_rps": primary["max_sustained_rps"],
+        "cpu_ms_per_request": primary["cpu_ms_per_request"],
+        "cpu_bound_rps": primary["cpu_bound_rps"],
         "runs": runs,
         "fused_over_unfused": ratios,
     }
@@ -311,6 +370,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="the embedded Tansu, or Apache Kafka from scripts/kafka.sh",
+    )
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's")
     parser.add_argument("--duplicate-share", type=float, default=0.1)
     parser.add_argument("--near-duplicate-share", type=float, default=0.1)

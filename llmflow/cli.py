@@ -31,7 +31,7 @@ from evaluation.router import evaluate as eval_router
 from inference.runtime import ModelLoadError
 from llmflow import replay as replayer
 from llmflow.admin import create_topics, wait_for_stable_group
-from llmflow.brokers import RedisServer, TansuBroker
+from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request, request_status
 from llmflow.demo import run_demo
 from llmflow.stack import SimulatedProvider, Workers
@@ -55,12 +55,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 @contextlib.contextmanager
 def _embedded(
-    settings: Settings, workers: int, provider_args: list[str]
+    settings: Settings,
+    workers: int,
+    provider_args: list[str],
+    broker: TansuBroker | KafkaBroker | None = None,
 ) -> Iterator[tuple[Settings, Workers]]:
-    """Tansu, Redis (or the in-process cache), the simulated provider and the workers."""
+    """A broker (Tansu unless given one), Redis (or the in-process cache), the simulated
+    provider and the workers."""
     run_dir = Path(tempfile.mkdtemp(prefix="llmflow-up-"))
     with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(TansuBroker())
+        broker = broker or TansuBroker()
+        stack.enter_context(broker)
         update: dict[str, object] = {"bootstrap_servers": broker.bootstrap}
         if RedisServer.available():
             update["redis_url"] = stack.enter_context(RedisServer()).url
@@ -73,7 +78,8 @@ def _embedded(
         asyncio.run(wait_for_stable_group(settings, workers, timeout_s=180))
         redis = settings.redis_url or "in-process cache (no redis-server on PATH)"
         print(
-            f"llmflow up: broker {settings.bootstrap_servers} (Tansu), L2 cache {redis}, "
+            f"llmflow up: broker {settings.bootstrap_servers} ({type(broker).__name__}), "
+            f"L2 cache {redis}, "
             f"provider {settings.provider_url}, {workers} worker(s), logs in {run_dir}",
             flush=True,
         )

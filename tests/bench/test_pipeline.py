@@ -1,5 +1,6 @@
 import argparse
 import os
+import subprocess
 
 import pytest
 
@@ -9,9 +10,11 @@ from bench.pipeline import (
     add_arguments,
     bench_settings,
     comparison,
+    cpu_per_request,
     outcome_of,
     process_usage,
     run_summary,
+    stack_processes,
     to_request,
 )
 from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status
@@ -35,7 +38,26 @@ async def test_resource_meter_reports_cpu_share_and_peak_rss() -> None:
     assert total > 0
     assert report["cpu_percent_of_one_core"] > 0
     assert report["peak_rss_mib"] > 10
-    assert report["workers"][0]["pid"] == os.getpid()
+    assert report["processes"][0]["pid"] == os.getpid()
+
+
+def test_stack_processes_finds_this_process_and_its_children_by_role() -> None:
+    with subprocess.Popen(["sleep", "30"]) as child:
+        try:
+            groups = stack_processes([])
+        finally:
+            child.kill()
+    assert groups["client"] == [os.getpid()]
+    assert child.pid in groups["other"]
+
+
+def test_cpu_per_request_divides_each_part_s_cpu_by_the_answers() -> None:
+    samples = [Sample(ITEM, 0.0, 1.0 if i < 4 else None, Outcome("ok", 0.0, {})) for i in range(5)]
+    run = LoadRun(10.0, samples)
+    resources = {"workers": {"cpu_s": 0.02}, "broker": {"cpu_s": 0.01}}
+    cost = cpu_per_request(resources, run)
+    assert cost["cpu_ms_per_request"] == {"workers": 5.0, "broker": 2.5, "all": 7.5}
+    assert cost["cpu_bound_rps"] == pytest.approx((os.cpu_count() or 1) * 1e3 / 7.5, abs=0.1)
 
 
 def test_outcome_takes_provider_time_except_from_a_merged_follower() -> None:
@@ -90,6 +112,8 @@ def test_comparison_prints_both_runs_and_fused_over_unfused_ratios() -> None:
             **run,
             "max_sustained_rps": 100.0 if name == "unfused" else 150.0,
             "workers": {"cpu_percent_of_one_core": 50.0, "peak_rss_mib": 100.0},
+            "cpu_ms_per_request": {"workers": 5.0, "all": 10.0},
+            "cpu_bound_rps": 200.0,
         }
     table, ratios = comparison(runs)
     assert ratios["overhead_p50_ms"] == pytest.approx(0.4)

@@ -36,6 +36,9 @@ async def test_measure_reports_overhead_stages_workers_and_a_rate_search(
     assert {"dedup", "cache", "route", "respond"} <= set(report["stage_ms"])
     assert report["workers"]["cpu_percent_of_one_core"] > 0
     assert report["workers"]["peak_rss_mib"] > 50
+    assert report["cpu_ms_per_request"]["broker"] > 0
+    assert report["cpu_ms_per_request"]["workers"] > 0
+    assert report["cpu_bound_rps"] > 0
     assert report["search"][0]["rate_rps"] == 10
     assert report["max_sustained_rps"] in {t["rate_rps"] for t in report["search"]} | {0.0}
     assert report["warm_up"]["requests"] == 40
