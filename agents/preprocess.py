@@ -6,7 +6,10 @@ with its raw bytes, so bad input never stops the worker and is never lost.
 Under more load than the workers keep up with, requests queue in llm.requests; one that
 waited there past `limits.shed_queued_ms` is answered `overloaded` at once, before it is
 validated, embedded or sent on (CoDel's sojourn time): shedding then costs a read and a
-reply, and the requests still admitted stop waiting behind the ones refused.
+reply, and the requests still admitted stop waiting behind the ones refused. With
+`limits.intake_pause_backlog_ms`, preprocess also stops taking requests while the hops
+between the worker's stages queue: new requests then wait in llm.requests, where that
+shedding answers them, instead of queueing between stages behind the admitted ones.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 ENCODER = "embedding_encoder"
 # faust's take waits forever for a full batch when `within` is 0, so never pass 0.
 MIN_BATCH_WAIT_S = 0.0005
+INTAKE_RECHECK_S = 0.005
 
 
 class InvalidRequest(Exception):
@@ -293,6 +297,19 @@ def attach(pipeline: Pipeline) -> None:
     preprocessor = Preprocessor(pipeline.settings)
     shed_queued_ms = pipeline.settings.limits.shed_queued_ms
     shed_after_s = None if shed_queued_ms is None else shed_queued_ms / 1000
+    pause_at_ms = pipeline.settings.limits.intake_pause_backlog_ms
+
+    async def hold_intake() -> None:
+        """Wait while the requests already admitted queue between stages: the backlog is a
+        median over a sliding window, so it is looked at again rather than waited on."""
+        if pause_at_ms is None:
+            return
+        held = False
+        while pipeline.backlog.level_ms(time.time()) > pause_at_ms:
+            if not held:
+                metrics.stage_events.labels(STAGE, "intake_held").inc()
+                held = True
+            await asyncio.sleep(INTAKE_RECHECK_S)
 
     async def answer(error: InvalidRequest) -> None:
         metrics.stage_events.labels(STAGE, error.reason).inc()
@@ -338,6 +355,7 @@ def attach(pipeline: Pipeline) -> None:
         behalf of it (exactly-once puts it in that event's transaction)."""
         batches = cast(Stream[bytes], stream).take_events(batch_size, within=batch_wait_s)
         async for events in batches:
+            await hold_intake()
             accepted: list[tuple[EventT[bytes], Envelope]] = []
             now = time.time()
             for event in events:

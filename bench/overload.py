@@ -2,9 +2,10 @@
 
 First the rate the pipeline sustains is searched (`bench.load.max_sustained_rate`) with no
 rate limit; then the worker is restarted with its limits set from that rate (each tenant's
-request bucket at `--limit-share` of it, `batch.max_queued`, `limits.shed_queued_ms` and
-every request's deadline) and runs an unloaded baseline and the overload. Every prompt is
-made unique, so every admitted request costs a model call. The report counts who shed what
+request bucket at `--limit-share` of it, `batch.max_queued`, `limits.shed_queued_ms`,
+`limits.intake_pause_backlog_ms` and every request's deadline) and runs an unloaded
+baseline and the overload. Every prompt is made unique, so every admitted request costs a
+model call. The report counts who shed what
 (`rate_limited`, `overloaded`, `timeout`), requests left without an answer (should be
 none), the worker's resident memory over the overload (max and slope), the lowest scale the
 adaptive rate limit fell to, and the admitted requests' p99 as a ratio of the unloaded p99.
@@ -78,17 +79,24 @@ def limited(
     share: float,
     max_queued: int,
     shed_queued_ms: float | None,
+    intake_pause_backlog_ms: float | None = None,
 ) -> Settings:
     """`settings` with every tenant's request bucket refilled at `share` of the sustainable
-    rate (one second of it as burst), the batch stage's queue bounded at `max_queued`, and
-    requests that queued past `shed_queued_ms` for preprocess shed."""
+    rate (one second of it as burst), the batch stage's queue bounded at `max_queued`,
+    requests that queued past `shed_queued_ms` for preprocess shed, and preprocess holding
+    its intake while hops queue past `intake_pause_backlog_ms`."""
     rate = max(1.0, sustainable_rps * share)
     quota = Quota(tenant=Rates(requests=RateLimit(burst=rate, per_second=rate)), reserve=0.0)
     return settings.model_copy(
         update={
             "ratelimit": settings.ratelimit.model_copy(update={"default": quota, "tenants": {}}),
             "batch": settings.batch.model_copy(update={"max_queued": max_queued}),
-            "limits": settings.limits.model_copy(update={"shed_queued_ms": shed_queued_ms}),
+            "limits": settings.limits.model_copy(
+                update={
+                    "shed_queued_ms": shed_queued_ms,
+                    "intake_pause_backlog_ms": intake_pause_backlog_ms,
+                }
+            ),
         }
     )
 
@@ -278,7 +286,12 @@ def run(args: argparse.Namespace) -> int:
         with _embedded(unlimited(base), 1, provider) as (settings, _workers):
             sustainable, trials = asyncio.run(search(settings, args))
     shed_settings = limited(
-        base, sustainable, args.limit_share, args.max_queued, args.shed_queued_ms or None
+        base,
+        sustainable,
+        args.limit_share,
+        args.max_queued,
+        args.shed_queued_ms or None,
+        args.intake_pause_backlog_ms or None,
     )
     with _embedded(shed_settings, 1, provider) as (settings, workers):
         measured = asyncio.run(measure(settings, workers, args, sustainable))
@@ -292,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
             "tenant_requests_per_s": limit.per_second if limit else None,
             "batch_max_queued": args.max_queued,
             "shed_queued_ms": args.shed_queued_ms,
+            "intake_pause_backlog_ms": args.intake_pause_backlog_ms,
             "deadline_s": args.deadline_s,
         },
         **measured,
@@ -354,8 +368,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shed-queued-ms",
         type=float,
-        default=100.0,
+        default=50.0,
         help="limits.shed_queued_ms: shed what waited longer for preprocess; 0: never",
+    )
+    parser.add_argument(
+        "--intake-pause-backlog-ms",
+        type=float,
+        default=20.0,
+        help="limits.intake_pause_backlog_ms: hold preprocess while hops queue longer; 0: never",
     )
     parser.add_argument("--deadline-s", type=float, default=5.0, help="each request's deadline")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's latency")

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from schemas.messages import DeadLetter, Envelope, ErrorCode, Status, StatusEvent, dump
 from streams import metrics
+from streams.backlog import HopBacklog
 from streams.cache_store import CacheStore, open_cache_store
 from streams.cancel import CancelledSet, watch_cancels
 from streams.drivers import kafka_transport
@@ -107,6 +108,7 @@ class Pipeline:
         self._shared: dict[str, object] = {}
         self._handlers: dict[str, tuple[StageHandler, bool]] = {}
         self.bucketer = bucketer_for(settings)
+        self.backlog = HopBacklog()
         self.cache_store: CacheStore = open_cache_store(
             settings.redis_url, settings.cache.max_entries_per_partition, settings.app_id
         )
@@ -171,6 +173,7 @@ class Pipeline:
                     await stream.ack(event)
                 continue
             self.mark(envelope, stage)
+            self.backlog.observe(envelope.stage_latency_ms[stage], envelope.stage_entered_at)
             yield event, envelope
 
     def stage_agent(self, stage: str, handle: StageHandler, screen: bool = True) -> None:

@@ -309,6 +309,14 @@ class RateLimits(Section):
 class Limits(Section):
     max_message_bytes: int = 64 * 1024
     max_tokens: int = 32768
+    intake_pause_backlog_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="preprocess takes no new requests while the hops between this worker's "
+        "stages took longer than this (their median over the last second): new requests "
+        "wait in llm.requests, where `shed_queued_ms` sheds them before any work, and the "
+        "admitted ones keep short queues; null: never",
+    )
     shed_queued_ms: float | None = Field(
         default=None,
         gt=0,

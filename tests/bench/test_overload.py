@@ -26,7 +26,12 @@ def test_outcomes_name_the_error_code_or_the_status() -> None:
 
 def test_limits_follow_the_sustainable_rate() -> None:
     settings = limited(
-        Settings(), sustainable_rps=50.0, share=0.8, max_queued=32, shed_queued_ms=100.0
+        Settings(),
+        sustainable_rps=50.0,
+        share=0.8,
+        max_queued=32,
+        shed_queued_ms=100.0,
+        intake_pause_backlog_ms=20.0,
     )
     quota = settings.ratelimit.for_tenant("anyone")
     assert quota.tenant.requests is not None
@@ -34,6 +39,7 @@ def test_limits_follow_the_sustainable_rate() -> None:
     assert quota.user.requests is None and quota.reserve == 0.0
     assert settings.batch.max_queued == 32
     assert settings.limits.shed_queued_ms == 100.0
+    assert settings.limits.intake_pause_backlog_ms == 20.0
     free_settings = unlimited(Settings())
     free = free_settings.ratelimit.for_tenant("anyone").tenant.requests
     assert free is not None and free.per_second >= 1e9

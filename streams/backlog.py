@@ -1,0 +1,27 @@
+"""How long requests lately queued between this worker's stages, so its intake can stop
+taking new ones while the work it already took waits (see `Limits.intake_pause_backlog_ms`)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+
+class HopBacklog:
+    """The median time of the hops this worker's stages took in the last `window_s`: what a
+    request admitted now would queue for at each hop. No hop seen lately: nothing queues
+    (a worker whose later stages run elsewhere never holds its intake back)."""
+
+    def __init__(self, window_s: float = 1.0, max_samples: int = 1024) -> None:
+        self.window_s = window_s
+        self._hops: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def observe(self, waited_ms: float, now: float) -> None:
+        self._hops.append((now, waited_ms))
+
+    def level_ms(self, now: float) -> float:
+        while self._hops and self._hops[0][0] < now - self.window_s:
+            self._hops.popleft()
+        if not self._hops:
+            return 0.0
+        return statistics.median(waited for _, waited in self._hops)

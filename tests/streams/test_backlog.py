@@ -1,0 +1,22 @@
+from streams.backlog import HopBacklog
+
+
+def test_no_hop_seen_means_nothing_queues() -> None:
+    assert HopBacklog().level_ms(100.0) == 0.0
+
+
+def test_the_level_is_the_median_hop_of_the_window() -> None:
+    backlog = HopBacklog(window_s=1.0)
+    for waited in (5.0, 200.0, 300.0):
+        backlog.observe(waited, 100.0)
+    assert backlog.level_ms(100.5) == 200.0
+
+
+def test_hops_older_than_the_window_no_longer_count() -> None:
+    """Intake held on an old backlog would wait forever once nothing flows."""
+    backlog = HopBacklog(window_s=1.0)
+    backlog.observe(500.0, 100.0)
+    backlog.observe(2.0, 100.8)
+    assert backlog.level_ms(100.9) == 251.0
+    assert backlog.level_ms(101.5) == 2.0
+    assert backlog.level_ms(102.0) == 0.0
