@@ -56,7 +56,6 @@ TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 ENCODER = "embedding_encoder"
 # faust's take waits forever for a full batch when `within` is 0, so never pass 0.
 MIN_BATCH_WAIT_S = 0.0005
-INTAKE_RECHECK_S = 0.005
 
 
 class InvalidRequest(Exception):
@@ -300,16 +299,9 @@ def attach(pipeline: Pipeline) -> None:
     pause_at_ms = pipeline.settings.limits.intake_pause_backlog_ms
 
     async def hold_intake() -> None:
-        """Wait while the requests already admitted queue between stages: the backlog is a
-        median over a sliding window, so it is looked at again rather than waited on."""
-        if pause_at_ms is None:
-            return
-        held = False
-        while pipeline.backlog.level_ms(time.time()) > pause_at_ms:
-            if not held:
-                metrics.stage_events.labels(STAGE, "intake_held").inc()
-                held = True
-            await asyncio.sleep(INTAKE_RECHECK_S)
+        """Wait while the requests already admitted queue between stages."""
+        if pause_at_ms is not None and await pipeline.backlog.wait_until_below(pause_at_ms):
+            metrics.stage_events.labels(STAGE, "intake_held").inc()
 
     async def answer(error: InvalidRequest) -> None:
         metrics.stage_events.labels(STAGE, error.reason).inc()

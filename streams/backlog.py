@@ -3,8 +3,12 @@ taking new ones while the work it already took waits (see `Limits.intake_pause_b
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import time
 from collections import deque
+
+RECHECK_S = 0.005
 
 
 class HopBacklog:
@@ -25,3 +29,12 @@ class HopBacklog:
         if not self._hops:
             return 0.0
         return statistics.median(waited for _, waited in self._hops)
+
+    async def wait_until_below(self, limit_ms: float) -> bool:
+        """Wait while the level is over `limit_ms`; True if it was. The level is a median
+        over a sliding window, so it is looked at again rather than waited on."""
+        held = False
+        while self.level_ms(time.time()) > limit_ms:
+            held = True
+            await asyncio.sleep(RECHECK_S)
+        return held

@@ -1,3 +1,5 @@
+import time
+
 from streams.backlog import HopBacklog
 
 
@@ -20,3 +22,12 @@ def test_hops_older_than_the_window_no_longer_count() -> None:
     assert backlog.level_ms(100.9) == 251.0
     assert backlog.level_ms(101.5) == 2.0
     assert backlog.level_ms(102.0) == 0.0
+
+
+async def test_intake_waits_until_the_slow_hops_leave_the_window() -> None:
+    backlog = HopBacklog(window_s=0.05)
+    assert not await backlog.wait_until_below(10.0)
+    backlog.observe(100.0, time.time())
+    started = time.monotonic()
+    assert await backlog.wait_until_below(10.0)
+    assert time.monotonic() - started >= 0.04
