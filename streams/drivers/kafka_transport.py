@@ -172,9 +172,22 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
         self._seeks: set[asyncio.Future[None]] = set()
         self.delivered: dict[TP, int] = {}
 
-    def _new_offset(self, tp: TP) -> int | None:
+    def _filter_committable_offsets(self, tps: Iterable[TP]) -> dict[TP, int]:
+        """The offset to commit for each of `tps`: one pass over the messages in flight for
+        all of them (faust's `_new_offset` is asked per partition)."""
+        held: dict[TP, list[int]] = {}
+        for message in self._unacked_messages:
+            if not message.acked:
+                held.setdefault(message.tp, []).append(message.offset)
+        offsets = {}
+        for tp in tps:
+            offset = self._offset_to_commit(tp, held.get(tp, []))
+            if offset is not None and self._should_commit(tp, offset):
+                offsets[tp] = offset
+        return offsets
+
+    def _offset_to_commit(self, tp: TP, held: list[int]) -> int | None:
         acked = self._acked[tp]
-        held = (m.offset for m in self._unacked_messages if m.tp == tp and not m.acked)
         # Offsets faust saw the fetch jump over (transaction markers, compaction).
         jumped = (o for gap in self._gap[tp] for o in range(gap.begin, gap.end))
         done = [*acked, *jumped]
