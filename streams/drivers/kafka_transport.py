@@ -160,9 +160,10 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
 
     After a rebalance faust resumes the stream partitions before it seeks them back to their
     commits, and may seek twice: aiokafka delivered records from where it stood, the seek
-    rewound, and faust delivered them again. Under exactly-once, where an offset must be
-    handled once, a partition stays paused in aiokafka from its assignment until it has been
-    seeked, and no later seek rewinds past what was delivered since (`delivered`).
+    rewound, and faust delivered them again (or, taken while flow was stopped, skipped
+    them). A partition stays paused in aiokafka from its assignment until it has been
+    seeked; under exactly-once, where an offset must be handled once, no later seek rewinds
+    past what was delivered since (`delivered`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -235,9 +236,9 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         """Changelogs are read only while recovering, which resumes them; pause them first,
-        and under exactly-once the stream partitions too, until they are seeked."""
+        and the stream partitions too, until they are seeked."""
+        self._unseeked = {tp for tp in assigned if not self._is_changelog_tp(tp)}
         if self.in_transaction:
-            self._unseeked = {tp for tp in assigned if not self._is_changelog_tp(tp)}
             self.delivered = {}
         paused = [tp for tp in assigned if self._is_changelog_tp(tp) or tp in self._unseeked]
         self._in_consumer_thread("pause", paused)
