@@ -179,7 +179,8 @@ def run_summary(run: LoadRun) -> dict[str, Any]:
 
 def cpu_per_request(resources: dict[str, dict[str, Any]], run: LoadRun) -> dict[str, Any]:
     """CPU milliseconds each answered request cost each part of the stack, and the rate
-    this machine's cores could carry at that cost: the ceiling no tuning of waits lifts."""
+    this machine's cores could carry at that cost (which falls as the rate rises and the
+    fixed cost of polling spreads: a bound on this run's rate, not the machine's)."""
     answered = max(1, sum(s.answered for s in run.samples))
     per_request = {role: 1e3 * r["cpu_s"] / answered for role, r in resources.items()}
     total = sum(per_request.values())
