@@ -23,7 +23,9 @@ NORMAL = Priority.NORMAL
 
 def batcher(slots: int = 1, max_size: int = 16, **settings: float) -> AdaptiveBatcher[str]:
     values = {"min_size": 4, "max_size": 16, "min_wait_ms": 50, "max_wait_ms": 200, **settings}
-    return AdaptiveBatcher(BatchSettings(**values), lambda _m: ModelLimits(slots, max_size))
+    return AdaptiveBatcher(
+        BatchSettings.model_validate(values), lambda _m: ModelLimits(slots, max_size)
+    )
 
 
 def teach(b: AdaptiveBatcher[str], model: str, a: float, c: float) -> None:

@@ -17,7 +17,13 @@ class Clock:
 def breaker(clock: Clock, **limits: float) -> tuple[CircuitBreaker, list[BreakerState]]:
     values = {"window_s": 10.0, "min_calls": 4, "failure_rate": 0.5, "cooldown_s": 5.0, **limits}
     changes: list[BreakerState] = []
-    return CircuitBreaker(BreakerSettings(**values), clock, changes.append), changes
+    return CircuitBreaker(BreakerSettings.model_validate(values), clock, changes.append), changes
+
+
+def state(b: CircuitBreaker) -> BreakerState:
+    """The breaker's state now: mypy would keep `b.state` narrowed by an earlier assert,
+    though the calls since changed it."""
+    return b.state
 
 
 def call(b: CircuitBreaker, outcome: Outcome) -> bool:
@@ -33,9 +39,9 @@ def test_closed_until_enough_calls_fail_then_open() -> None:
     b, changes = breaker(Clock())
     for _ in range(3):
         assert call(b, Outcome.FAILURE)
-    assert b.state is BreakerState.CLOSED  # three failures, but fewer than min_calls calls
+    assert state(b) is BreakerState.CLOSED  # three failures, but fewer than min_calls calls
     assert call(b, Outcome.SUCCESS)
-    assert b.state is BreakerState.OPEN  # 3 of 4 failed
+    assert state(b) is BreakerState.OPEN  # 3 of 4 failed
     assert changes == [BreakerState.OPEN]
     assert b.allow() is None
 
@@ -45,16 +51,16 @@ def test_it_opens_when_the_share_of_failures_reaches_the_rate() -> None:
     for outcome in (Outcome.FAILURE, Outcome.SUCCESS, Outcome.SUCCESS, Outcome.SUCCESS):
         call(b, outcome)
     call(b, Outcome.FAILURE)
-    assert b.state is BreakerState.CLOSED  # 2 of 5
+    assert state(b) is BreakerState.CLOSED  # 2 of 5
     call(b, Outcome.FAILURE)
-    assert b.state is BreakerState.OPEN  # 3 of 6
+    assert state(b) is BreakerState.OPEN  # 3 of 6
 
 
 def test_a_failure_rate_below_the_threshold_keeps_it_closed() -> None:
     b, _ = breaker(Clock())
     for i in range(100):
         call(b, Outcome.FAILURE if i % 3 == 2 else Outcome.SUCCESS)
-    assert b.state is BreakerState.CLOSED
+    assert state(b) is BreakerState.CLOSED
 
 
 def test_max_failures_opens_it_whatever_the_rate() -> None:
@@ -63,7 +69,7 @@ def test_max_failures_opens_it_whatever_the_rate() -> None:
         call(b, Outcome.SUCCESS)
     for _ in range(3):
         call(b, Outcome.FAILURE)
-    assert b.state is BreakerState.OPEN
+    assert state(b) is BreakerState.OPEN
 
 
 def test_failures_older_than_the_window_are_forgotten() -> None:
@@ -75,7 +81,7 @@ def test_failures_older_than_the_window_are_forgotten() -> None:
     call(b, Outcome.FAILURE)
     call(b, Outcome.SUCCESS)
     call(b, Outcome.SUCCESS)
-    assert b.state is BreakerState.CLOSED  # 1 of 3 in the window
+    assert state(b) is BreakerState.CLOSED  # 1 of 3 in the window
 
 
 def test_abandoned_calls_do_not_count() -> None:
@@ -83,13 +89,13 @@ def test_abandoned_calls_do_not_count() -> None:
     for _ in range(10):
         call(b, Outcome.ABANDONED)
     assert b.window.counts(1000.0) == (0, 0)
-    assert b.state is BreakerState.CLOSED
+    assert state(b) is BreakerState.CLOSED
 
 
 def trip(b: CircuitBreaker) -> None:
     for _ in range(4):
         call(b, Outcome.FAILURE)
-    assert b.state is BreakerState.OPEN
+    assert state(b) is BreakerState.OPEN
 
 
 def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_it() -> None:
@@ -99,12 +105,12 @@ def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_it() -
     clock.now += 4.9
     assert b.allow() is None
     clock.now += 0.1
-    assert b.state is BreakerState.HALF_OPEN
+    assert state(b) is BreakerState.HALF_OPEN
     probe = b.allow()
     assert probe is not None and probe.probe
     assert b.allow() is None  # one probe at a time
     b.record(probe, Outcome.SUCCESS)
-    assert b.state is BreakerState.CLOSED
+    assert state(b) is BreakerState.CLOSED
     assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
     assert b.window.counts(clock.now) == (0, 0)  # a fresh window once closed
 
@@ -117,11 +123,11 @@ def test_a_failed_probe_opens_it_for_another_cooldown() -> None:
     probe = b.allow()
     assert probe is not None
     b.record(probe, Outcome.FAILURE)
-    assert b.state is BreakerState.OPEN
+    assert state(b) is BreakerState.OPEN
     clock.now += 4.0
     assert b.allow() is None
     clock.now += 1.0
-    assert b.state is BreakerState.HALF_OPEN
+    assert state(b) is BreakerState.HALF_OPEN
 
 
 def test_an_abandoned_probe_frees_its_slot_and_leaves_it_half_open() -> None:
@@ -132,7 +138,7 @@ def test_an_abandoned_probe_frees_its_slot_and_leaves_it_half_open() -> None:
     first, second = b.allow(), b.allow()
     assert first is not None and second is not None and b.allow() is None
     b.record(first, Outcome.ABANDONED)
-    assert b.state is BreakerState.HALF_OPEN
+    assert state(b) is BreakerState.HALF_OPEN
     assert b.would_allow()
 
 
@@ -143,9 +149,9 @@ def test_calls_let_through_before_it_opened_do_not_close_it() -> None:
     assert early is not None and not early.probe
     trip(b)
     clock.now += 5.0
-    assert b.state is BreakerState.HALF_OPEN
+    assert state(b) is BreakerState.HALF_OPEN
     b.record(early, Outcome.SUCCESS)
-    assert b.state is BreakerState.HALF_OPEN
+    assert state(b) is BreakerState.HALF_OPEN
 
 
 def test_the_window_keeps_a_fixed_number_of_buckets() -> None:
@@ -164,6 +170,6 @@ def test_breakers_are_per_deployment_and_report_their_model() -> None:
     for _ in range(2):
         call(breakers.of("a"), Outcome.FAILURE)
         call(breakers.of("b"), Outcome.SUCCESS)
-    assert breakers.of("a").state is BreakerState.OPEN
-    assert breakers.of("b").state is BreakerState.CLOSED
+    assert state(breakers.of("a")) is BreakerState.OPEN
+    assert state(breakers.of("b")) is BreakerState.CLOSED
     assert changes == [("a", BreakerState.OPEN)]

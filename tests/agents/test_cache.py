@@ -3,6 +3,7 @@ layer: what it serves and what it never does."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,13 @@ from agents.cache import (
     semantic_query,
 )
 from schemas.messages import (
+    CachePolicy,
+    ChatMessage,
     Envelope,
     ErrorCode,
     LLMRequest,
     Result,
+    Role,
     SemanticCheck,
     Status,
     Usage,
@@ -120,7 +124,10 @@ def envelope(
     write: bool = True,
 ) -> Envelope:
     request = LLMRequest(
-        id="r", tenant="acme", messages=[{"role": "user", "content": "hi"}], cache={"write": write}
+        id="r",
+        tenant="acme",
+        messages=[ChatMessage(role=Role.USER, content="hi")],
+        cache=CachePolicy(write=write),
     )
     return Envelope(request=request, status=status, result=res)
 
@@ -167,7 +174,7 @@ def near(vector: np.ndarray, cosine: float, seed: int = 0) -> np.ndarray:
     noise = np.random.default_rng(seed).normal(size=vector.shape)
     noise -= (noise @ vector) * vector
     noise /= np.linalg.norm(noise)
-    return cosine * vector + np.sqrt(1 - cosine**2) * noise
+    return cosine * vector + math.sqrt(1 - cosine**2) * noise
 
 
 BASE = np.eye(384, dtype=np.float32)[0]
@@ -180,9 +187,9 @@ def asking(
         id=f"r-{tenant}-{text}",
         tenant=tenant,
         messages=[
-            {"role": "user", "content": earlier},
-            {"role": "assistant", "content": "hi"},
-            {"role": "user", "content": text},
+            ChatMessage(role=Role.USER, content=earlier),
+            ChatMessage(role=Role.ASSISTANT, content="hi"),
+            ChatMessage(role=Role.USER, content=text),
         ],
     )
     embedding = None if vector is None else encode_embedding(vector)
@@ -325,7 +332,9 @@ def test_forget_drops_an_entry_whose_answer_is_gone(
     ],
 )
 def test_questions_about_the_present_are_kept_briefly(text: str, ttl_s: float) -> None:
-    request = LLMRequest(id="r", tenant="acme", messages=[{"role": "user", "content": text}])
+    request = LLMRequest(
+        id="r", tenant="acme", messages=[ChatMessage(role=Role.USER, content=text)]
+    )
     assert Freshness(CacheSettings()).ttl_s(request) == ttl_s
 
 
@@ -333,8 +342,8 @@ def test_the_caller_sets_the_ttl_first() -> None:
     request = LLMRequest(
         id="r",
         tenant="acme",
-        messages=[{"role": "user", "content": "news today"}],
-        cache={"ttl_s": 42.0},
+        messages=[ChatMessage(role=Role.USER, content="news today")],
+        cache=CachePolicy(ttl_s=42.0),
     )
     assert Freshness(CacheSettings()).ttl_s(request) == 42.0
 

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from agents.dedup import Admission, InflightRegistry
-from schemas.messages import Envelope, LLMRequest, encode_embedding
+from schemas.messages import (
+    CachePolicy,
+    ChatMessage,
+    Envelope,
+    LLMRequest,
+    Role,
+    encode_embedding,
+)
 from tests.agents.test_cache import BASE, near
 from topology.settings import DedupSettings, SemanticCacheSettings
 
@@ -18,8 +25,8 @@ def envelope(request_id: str, read: bool = True, fingerprint: str = FP) -> Envel
     request = LLMRequest(
         id=request_id,
         tenant="acme",
-        messages=[{"role": "user", "content": "hello"}],
-        cache={"read": read},
+        messages=[ChatMessage(role=Role.USER, content="hello")],
+        cache=CachePolicy(read=read),
     )
     return Envelope(request=request, fingerprint=fingerprint, prompt_tokens=1)
 
@@ -170,7 +177,9 @@ def asking(
     tenant: str = "acme",
     fingerprint: str | None = None,
 ) -> Envelope:
-    request = LLMRequest(id=request_id, tenant=tenant, messages=[{"role": "user", "content": text}])
+    request = LLMRequest(
+        id=request_id, tenant=tenant, messages=[ChatMessage(role=Role.USER, content=text)]
+    )
     return Envelope(
         request=request,
         fingerprint=fingerprint or request_id * 64,

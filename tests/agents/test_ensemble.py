@@ -6,21 +6,30 @@ import pytest
 
 from agents.ensemble import ENSEMBLE, combine, vote
 from agents.infer import InferenceRunner
-from schemas.messages import Envelope, GenerationParams, LLMRequest, Result, Status, Usage
+from schemas.messages import (
+    ChatMessage,
+    Envelope,
+    GenerationParams,
+    LLMRequest,
+    Result,
+    Role,
+    Status,
+    Usage,
+)
 from tests.agents.test_infer import FakeBackend, settings
 
 
 def test_vote_takes_the_majority_and_says_how_many_agree() -> None:
-    assert vote(["138790", " 138790\n", "139790"]) == ("138790", pytest.approx(2 / 3))
+    assert vote(["138790", " 138790\n", "139790"]) == pytest.approx(("138790", 2 / 3))
     assert vote(["a", "b"]) == ("a", 0.5), "a tie goes to the first answer"
 
 
 def test_vote_weighs_answers() -> None:
-    assert vote(["a", "b", "b"], [0.9, 0.3, 0.3]) == ("a", pytest.approx(0.6))
+    assert vote(["a", "b", "b"], [0.9, 0.3, 0.3]) == pytest.approx(("a", 0.6))
 
 
 def test_weights_that_sum_to_nothing_count_alike() -> None:
-    assert vote(["a", "b", "b"], [0.0, 0.0, 0.0]) == ("b", pytest.approx(2 / 3))
+    assert vote(["a", "b", "b"], [0.0, 0.0, 0.0]) == pytest.approx(("b", 2 / 3))
 
 
 def sampled(output: str, confidence: float | None) -> Result:
@@ -40,7 +49,7 @@ def test_combine_bills_every_sample_and_weighs_by_confidence() -> None:
 
 def test_combine_counts_alike_when_a_sample_has_no_confidence() -> None:
     combined = combine([sampled("7", 0.9), sampled("8", None), sampled("8", 0.3)])
-    assert (combined.output, combined.confidence) == ("8", pytest.approx(2 / 3))
+    assert (combined.output, combined.confidence) == pytest.approx(("8", 2 / 3))
 
 
 async def test_the_runner_asks_for_n_samples_and_bills_them() -> None:
@@ -57,13 +66,13 @@ async def test_the_runner_asks_for_n_samples_and_bills_them() -> None:
         id="r",
         tenant="acme",
         stream=True,
-        messages=[{"role": "user", "content": "hi"}],
+        messages=[ChatMessage(role=Role.USER, content="hi")],
         params=GenerationParams(seed=10),
     )
     env = Envelope(request=request, model="sim-small", route_reason=ENSEMBLE)
     await runner.run([env])
     assert backend.calls == [("sim-small", "r")] * 5
     assert env.status is Status.OK and env.result is not None
-    assert (env.result.output, env.result.confidence) == ("even", pytest.approx(3 / 5))
+    assert (env.result.output, env.result.confidence) == pytest.approx(("even", 3 / 5))
     assert env.result.cost_usd == pytest.approx(0.005)
     assert env.request.params.seed == 10, "the request itself is not changed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import pytest
 
 from agents.failover import cheaper_substitute, fallback_chain, request_class, time_budget
@@ -54,7 +56,9 @@ def test_the_deadline_cuts_the_budget_and_a_passed_one_leaves_none() -> None:
 
 
 def test_attempt_share_is_per_class() -> None:
-    infer = InferSettings(timeouts={"simple": ClassTimeout(total_s=8.0, attempt_share=0.25)})
+    infer = InferSettings(
+        timeouts={RequestClass.SIMPLE: ClassTimeout(total_s=8.0, attempt_share=0.25)}
+    )
     assert time_budget(infer, request(), now=0.0).attempt_s == 2.0
 
 
@@ -98,7 +102,7 @@ def test_the_substitute_is_the_cheapest_untried_healthy_model_that_can_and_fits(
     large = settings.model("sim-large")
     assert large is not None
 
-    def pick(env: Envelope, tried: list[str], down: set[str] = frozenset()) -> str | None:
+    def pick(env: Envelope, tried: list[str], down: Container[str] = frozenset()) -> str | None:
         spec = cheaper_substitute(settings, large, env, tried, lambda m: m not in down)
         return None if spec is None else spec.name
 

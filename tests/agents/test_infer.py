@@ -77,9 +77,14 @@ def settings(**infer: Any) -> Settings:
     return Settings(infer=InferSettings(**values))
 
 
-def envelope(request_id: str = "r1", model: str | None = "sim-small", **extra: float) -> Envelope:
-    request = LLMRequest(
-        id=request_id, tenant="acme", messages=[{"role": "user", "content": "hi"}], **extra
+def envelope(request_id: str = "r1", model: str | None = "sim-small", **extra: object) -> Envelope:
+    request = LLMRequest.model_validate(
+        {
+            "id": request_id,
+            "tenant": "acme",
+            "messages": [{"role": "user", "content": "hi"}],
+            **extra,
+        }
     )
     return Envelope(request=request, model=model, prompt_tokens=1)
 

@@ -19,7 +19,15 @@ from agents.breaker import BreakerState
 from agents.infer import InferenceRunner
 from agents.respond import build_response, chunks_sent_by_infer, stream_chunks
 from provider.simulated import PROVIDER_KEY, SimulatedProviderConfig, start_server
-from schemas.messages import Envelope, ErrorCode, LLMRequest, Status, StreamChunk
+from schemas.messages import (
+    ChatMessage,
+    Envelope,
+    ErrorCode,
+    LLMRequest,
+    Role,
+    Status,
+    StreamChunk,
+)
 from streams.drivers.openai_http import OpenAIHTTPBackend
 from topology.settings import BreakerSettings, InferSettings, ModelSpec, Settings
 
@@ -70,7 +78,10 @@ def settings(providers: Providers, **infer: Any) -> Settings:
 
 def envelope(request_id: str, model: str, **extra: Any) -> Envelope:
     request = LLMRequest(
-        id=request_id, tenant="acme", messages=[{"role": "user", "content": request_id}], **extra
+        id=request_id,
+        tenant="acme",
+        messages=[ChatMessage(role=Role.USER, content=request_id)],
+        **extra,
     )
     return Envelope(request=request, model=model, prompt_tokens=2)
 

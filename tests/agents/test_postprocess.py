@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from agents.postprocess import finish, release
-from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status, Usage
+from schemas.messages import (
+    ChatMessage,
+    Envelope,
+    ErrorCode,
+    LLMRequest,
+    Result,
+    Role,
+    Status,
+    Usage,
+)
 
 
 def envelope(request_id: str, status: Status | None = None, res: Result | None = None) -> Envelope:
-    request = LLMRequest(id=request_id, tenant="acme", messages=[{"role": "user", "content": "q"}])
+    request = LLMRequest(
+        id=request_id, tenant="acme", messages=[ChatMessage(role=Role.USER, content="q")]
+    )
     return Envelope(request=request, status=status, result=res, fingerprint="f" * 64)
 
 

@@ -23,7 +23,14 @@ from agents.ratelimit import (
     origin,
     refill,
 )
-from schemas.messages import Envelope, LLMRequest, Priority
+from schemas.messages import (
+    ChatMessage,
+    Envelope,
+    GenerationParams,
+    LLMRequest,
+    Priority,
+    Role,
+)
 from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates
 
 LIMIT = RateLimit(burst=3.0, per_second=2.0)
@@ -41,8 +48,8 @@ def request(user: str = "ann", api_type: str = "chat", max_tokens: int = 100) ->
         tenant="acme",
         user=user,
         api_type=api_type,
-        messages=[{"role": "user", "content": "hi"}],
-        params={"max_tokens": max_tokens},
+        messages=[ChatMessage(role=Role.USER, content="hi")],
+        params=GenerationParams(max_tokens=max_tokens),
     )
 
 

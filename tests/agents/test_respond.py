@@ -6,19 +6,23 @@ import pytest
 
 from agents.respond import build_response, chunks_sent_by_infer, stream_chunks
 from schemas.messages import (
+    ChatMessage,
     Envelope,
     ErrorCode,
     ErrorInfo,
     LLMRequest,
     LLMResponse,
     Result,
+    Role,
     Status,
     Usage,
 )
 
 
 def envelope(status: Status | None, res: Result | None = None) -> Envelope:
-    request = LLMRequest(id="r1", tenant="acme", messages=[{"role": "user", "content": "q"}])
+    request = LLMRequest(
+        id="r1", tenant="acme", messages=[ChatMessage(role=Role.USER, content="q")]
+    )
     return Envelope(
         request=request,
         status=status,

@@ -11,7 +11,15 @@ from agents.ensemble import ENSEMBLE
 from agents.postprocess import finish
 from agents.route import CASCADE, ESCALATED, Router
 from inference.complexity import ComplexityClassifier
-from schemas.messages import Envelope, LLMRequest, Result, Status
+from schemas.messages import (
+    ChatMessage,
+    Envelope,
+    GenerationParams,
+    LLMRequest,
+    Result,
+    Role,
+    Status,
+)
 from topology.settings import ZOO, Settings
 
 HARD_SUM = "add 48213+90577="
@@ -29,8 +37,8 @@ def envelope(
         id="r",
         tenant=tenant,
         model=model,
-        messages=[{"role": "user", "content": prompt}],
-        params={"max_tokens": max_tokens},
+        messages=[ChatMessage(role=Role.USER, content=prompt)],
+        params=GenerationParams(max_tokens=max_tokens),
     )
     return Envelope(request=request, prompt_tokens=prompt_tokens)
 
@@ -146,12 +154,9 @@ def test_cascade_starts_small_and_escalates_an_unsure_answer(
     assert not router.escalate(env)
     env.result = Result(output="138790", cost_usd=0.001, confidence=0.4)
     assert router.escalate(env)
-    assert (env.model, env.route_reason, env.result, env.status) == (
-        "zoo-large",
-        ESCALATED,
-        None,
-        None,
-    )
+    # typed as the fields are: mypy still holds them to what was set before escalate()
+    escalated: tuple[str, str, Result | None, Status | None] = ("zoo-large", ESCALATED, None, None)
+    assert (env.model, env.route_reason, env.result, env.status) == escalated
     assert env.prior_cost_usd == 0.001
     env.status, env.result = Status.OK, Result(output="138790", cost_usd=0.005, confidence=0.1)
     assert not router.escalate(env), "an escalated answer stands"
@@ -211,6 +216,7 @@ def test_replicas_share_the_load_by_peak_ewma() -> None:
     picks = [router.assign(envelope(10)).model for _ in range(4)]
     assert set(picks) == {"sim-small", "sim-small-1"}, "in-flight calls spread the load"
     for deployment in picks:
+        assert deployment is not None
         answered(router, deployment, 100.0, True, now=0.0)
     answered(router, "sim-small-1", 900.0, True, now=1.0)
     assert [router.assign(envelope(10)).model for _ in range(3)] == ["sim-small"] * 3

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from bench.faults import Answer, outcome_of, send_all, sent_rate, summarize
 from provider.simulated import SimulatedProviderConfig, start_server
-from schemas.messages import Envelope, ErrorCode, LLMRequest, Result, Status
+from schemas.messages import (
+    ChatMessage,
+    Envelope,
+    ErrorCode,
+    LLMRequest,
+    Result,
+    Role,
+    Status,
+)
 from topology.settings import ModelSpec, Settings
 
 
 def test_outcomes_name_errors_by_reason_and_degraded_answers_by_kind() -> None:
-    request = LLMRequest(id="r", tenant="t", messages=[{"role": "user", "content": "hi"}])
+    request = LLMRequest(id="r", tenant="t", messages=[ChatMessage(role=Role.USER, content="hi")])
     env = Envelope(request=request, model="sim-small")
     env.fail(ErrorCode.TIMEOUT, "upstream_timeout", "late")
     assert outcome_of(env) == "error_upstream_timeout"

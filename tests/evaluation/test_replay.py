@@ -131,13 +131,26 @@ def _traced_run() -> tuple[list[Sent], dict[str, LLMResponse]]:
         _sent("lost", "acme", [_user("Hi")]),
     ]
     answer = "[sim-small] answer 1234abcd: What is Kafka? alpha"
-    cached = {"status": Status.CACHED, "output": answer}
     responses = [
         LLMResponse(id="model", status=Status.OK, output=answer, cost_usd=0.01),
-        LLMResponse(id="hit", cache_kind="exact", cache_tier="l1", **cached),
-        LLMResponse(id="paraphrase", cache_kind="semantic", cache_tier="l1", **cached),
-        LLMResponse(id="other-tenant", cache_kind="exact", cache_tier="l2", **cached),
-        LLMResponse(id="other-history", cache_kind="semantic", **cached),
+        LLMResponse(
+            id="hit", cache_kind="exact", cache_tier="l1", status=Status.CACHED, output=answer
+        ),
+        LLMResponse(
+            id="paraphrase",
+            cache_kind="semantic",
+            cache_tier="l1",
+            status=Status.CACHED,
+            output=answer,
+        ),
+        LLMResponse(
+            id="other-tenant",
+            cache_kind="exact",
+            cache_tier="l2",
+            status=Status.CACHED,
+            output=answer,
+        ),
+        LLMResponse(id="other-history", cache_kind="semantic", status=Status.CACHED, output=answer),
         LLMResponse(id="follower", status=Status.MERGED, merged_with="model", output=answer),
         LLMResponse(id="leaked-follower", status=Status.MERGED, merged_with="model"),
         LLMResponse(id="lost", status=Status.CACHED, cache_kind="exact", output="from nowhere"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import faust
 import pytest
@@ -17,7 +18,7 @@ async def test_the_consumer_holds_back_a_fetch_no_longer_than_an_empty_fetch_wai
 ) -> None:
     scheme = kafka_transport.register(7)
     app = faust.App("test-kafka-transport", broker=f"{scheme}://{tansu_bootstrap}")
-    thread = app.consumer._new_consumer_thread()
+    thread = cast(kafka_transport.ShortWaitConsumer, app.consumer)._new_consumer_thread()
     thread.thread_loop = asyncio.get_running_loop()
     await thread.on_start()
     consumer = thread._consumer

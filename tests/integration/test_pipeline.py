@@ -259,9 +259,9 @@ async def test_every_bad_input_gets_an_error_and_a_dead_letter(
         timeout=15,
     ):
         letter = DeadLetter.model_validate_json(value)
-        kind = raws.get(base64.b64decode(letter.raw_b64))
-        if kind is not None:
-            found[kind] = letter
+        letter_kind = raws.get(base64.b64decode(letter.raw_b64))
+        if letter_kind is not None:
+            found[letter_kind] = letter
     assert set(found) == set(cases), set(cases) - set(found)
     for kind, letter in found.items():
         assert letter.reason == expected_reason[kind], (kind, letter.reason)

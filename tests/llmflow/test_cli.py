@@ -54,7 +54,9 @@ def test_up_defaults_to_one_worker_and_exits_after_the_demo() -> None:
 
 def test_a_worker_with_a_corrupt_local_model_stops_with_a_clear_error(tmp_path: Path) -> None:
     broken = tmp_path / "zoo-small"
-    shutil.copytree(Settings().model("zoo-small").path or "", broken)
+    zoo_small = Settings().model("zoo-small")
+    assert zoo_small is not None
+    shutil.copytree(zoo_small.path or "", broken)
     (broken / "model.onnx").write_bytes(b"not an onnx graph")
     models = [
         spec.model_copy(update={"path": str(broken)}) if spec.name == "zoo-small" else spec

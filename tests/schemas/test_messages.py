@@ -158,6 +158,6 @@ def test_envelope_carries_its_embedding_through_json() -> None:
     vector = np.linspace(-1.0, 1.0, 384, dtype=np.float32)
     env = Envelope(request=request(), embedding=encode_embedding(vector))
     back = Envelope.model_validate_json(dump(env))
-    assert back.embedding is not None
+    assert back.embedding is not None and env.embedding is not None
     np.testing.assert_array_equal(decode_embedding(back.embedding), decode_embedding(env.embedding))
     assert Envelope(request=request()).embedding is None

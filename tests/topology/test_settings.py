@@ -8,7 +8,19 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from topology.settings import Quota, RateLimit, Rates, Settings, load_settings, to_env
+from topology.settings import (
+    CacheSettings,
+    Quota,
+    RateLimit,
+    RateLimits,
+    Rates,
+    RouteSettings,
+    Settings,
+    StageSpec,
+    TopicSpec,
+    load_settings,
+    to_env,
+)
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -88,9 +100,11 @@ def test_to_env_round_trips() -> None:
         bootstrap_servers="b:1",
         redis_url="redis://h:1/2",
         metrics_port=9000,
-        cache={"ttl_s": 5.0, "max_entries_per_partition": 3},
-        ratelimit={"tenants": {"Acme": {"burst": 10, "per_second": 2.5}}},
-        route={"small_max_prompt_tokens": 100},
+        cache=CacheSettings(ttl_s=5.0, max_entries_per_partition=3),
+        ratelimit=RateLimits(
+            tenants={"Acme": Quota(tenant=Rates(requests=RateLimit(burst=10, per_second=2.5)))}
+        ),
+        route=RouteSettings(small_max_prompt_tokens=100),
     )
     env = to_env(custom)
     assert env["LLMFLOW_APP_ID"] == '"123"'
@@ -108,13 +122,13 @@ def test_to_env_round_trips_defaults() -> None:
 
 def test_route_model_not_in_registry_is_refused() -> None:
     with pytest.raises(ValidationError, match="not in the model registry"):
-        Settings(route={"small_model": "ghost"})
+        Settings(route=RouteSettings(small_model="ghost"))
     with pytest.raises(ValidationError, match="not in the model registry"):
         load_settings(environ={"LLMFLOW_ROUTE__LARGE_MODEL": "ghost"})
 
 
 def test_repeated_stage_names_are_refused() -> None:
-    stage = {"name": "dedup", "topic": {"name": "t"}, "key_by": "fingerprint"}
+    stage = StageSpec(name="dedup", topic=TopicSpec(name="t"), key_by="fingerprint")
     with pytest.raises(ValidationError, match="stage names repeat"):
         Settings(stages=[stage, stage])
 

@@ -6,7 +6,7 @@ import pytest
 
 from agents.infer import UpstreamError
 from models.tasks import check, make_items
-from schemas.messages import Envelope, ErrorCode, LLMRequest
+from schemas.messages import ChatMessage, Envelope, ErrorCode, GenerationParams, LLMRequest, Role
 from streams.drivers.local_decoder import LocalDecoderBackend, prompt_of
 from topology.settings import EngineSettings, ModelSpec, Settings
 
@@ -14,17 +14,17 @@ SETTINGS = Settings()
 ENGINE = EngineSettings(device="cpu", intra_op_threads=1, max_batch=8)
 
 
-def envelope(content: str, **params: int) -> Envelope:
+def envelope(content: str) -> Envelope:
     request = LLMRequest(
         id="r1",
         tenant="acme",
         messages=[
-            {"role": "system", "content": "Answer the task."},
-            {"role": "user", "content": "an earlier turn"},
-            {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": content},
+            ChatMessage(role=Role.SYSTEM, content="Answer the task."),
+            ChatMessage(role=Role.USER, content="an earlier turn"),
+            ChatMessage(role=Role.ASSISTANT, content="ok"),
+            ChatMessage(role=Role.USER, content=content),
         ],
-        params={"max_tokens": 16, **params},
+        params=GenerationParams(max_tokens=16),
     )
     return Envelope(request=request, model="zoo-small")
 

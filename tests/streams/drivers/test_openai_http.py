@@ -9,7 +9,7 @@ import pytest
 
 from agents.infer import UpstreamError
 from provider.simulated import SimulatedProviderConfig, start_server
-from schemas.messages import Envelope, LLMRequest
+from schemas.messages import ChatMessage, Envelope, GenerationParams, LLMRequest, Role
 from streams.drivers.openai_http import (
     OpenAIHTTPBackend,
     StreamedCompletion,
@@ -21,16 +21,18 @@ from topology.settings import ModelSpec
 SPEC = ModelSpec(name="sim-small", input_per_1k=0.5, output_per_1k=1.5)
 
 
-def envelope(**params: Any) -> Envelope:
+def envelope(stop: list[str] | None = None, seed: int | None = None) -> Envelope:
     request = LLMRequest(
         id="r1",
         tenant="acme",
         messages=[
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi", "name": "bob"},
-            {"role": "tool", "content": "42", "tool_call_id": "call-1"},
+            ChatMessage(role=Role.SYSTEM, content="Be brief."),
+            ChatMessage(role=Role.USER, content="Hi", name="bob"),
+            ChatMessage(role=Role.TOOL, content="42", tool_call_id="call-1"),
         ],
-        params={"max_tokens": 64, "temperature": 0.3, "top_p": 0.9, **params},
+        params=GenerationParams(
+            max_tokens=64, temperature=0.3, top_p=0.9, stop=stop or [], seed=seed
+        ),
     )
     return Envelope(request=request, model="sim-small")
 
