@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -131,26 +132,22 @@ def _traced_run() -> tuple[list[Sent], dict[str, LLMResponse]]:
         _sent("lost", "acme", [_user("Hi")]),
     ]
     answer = "[sim-small] answer 1234abcd: What is Kafka? alpha"
+
+    def cached(
+        request_id: str,
+        kind: Literal["exact", "semantic"],
+        tier: Literal["l1", "l2"] | None = None,
+    ) -> LLMResponse:
+        return LLMResponse(
+            id=request_id, status=Status.CACHED, output=answer, cache_kind=kind, cache_tier=tier
+        )
+
     responses = [
         LLMResponse(id="model", status=Status.OK, output=answer, cost_usd=0.01),
-        LLMResponse(
-            id="hit", cache_kind="exact", cache_tier="l1", status=Status.CACHED, output=answer
-        ),
-        LLMResponse(
-            id="paraphrase",
-            cache_kind="semantic",
-            cache_tier="l1",
-            status=Status.CACHED,
-            output=answer,
-        ),
-        LLMResponse(
-            id="other-tenant",
-            cache_kind="exact",
-            cache_tier="l2",
-            status=Status.CACHED,
-            output=answer,
-        ),
-        LLMResponse(id="other-history", cache_kind="semantic", status=Status.CACHED, output=answer),
+        cached("hit", "exact", "l1"),
+        cached("paraphrase", "semantic", "l1"),
+        cached("other-tenant", "exact", "l2"),
+        cached("other-history", "semantic"),
         LLMResponse(id="follower", status=Status.MERGED, merged_with="model", output=answer),
         LLMResponse(id="leaked-follower", status=Status.MERGED, merged_with="model"),
         LLMResponse(id="lost", status=Status.CACHED, cache_kind="exact", output="from nowhere"),
