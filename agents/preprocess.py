@@ -296,11 +296,10 @@ def attach(pipeline: Pipeline) -> None:
     preprocessor = Preprocessor(pipeline.settings)
     shed_queued_ms = pipeline.settings.limits.shed_queued_ms
     shed_after_s = None if shed_queued_ms is None else shed_queued_ms / 1000
-    pause_at_ms = pipeline.settings.limits.intake_pause_backlog_ms
 
     async def hold_intake() -> None:
         """Wait while the requests already admitted queue between stages."""
-        if pause_at_ms is not None and await pipeline.backlog.wait_until_below(pause_at_ms):
+        if pipeline.backlog is not None and await pipeline.backlog.wait_until_below():
             metrics.stage_events.labels(STAGE, "intake_held").inc()
 
     async def answer(error: InvalidRequest) -> None:

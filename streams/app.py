@@ -108,7 +108,9 @@ class Pipeline:
         self._shared: dict[str, object] = {}
         self._handlers: dict[str, tuple[StageHandler, bool]] = {}
         self.bucketer = bucketer_for(settings)
-        self.backlog = HopBacklog()
+        # Hops are timed only where preprocess holds its intake on them.
+        pause_at_ms = settings.limits.intake_pause_backlog_ms
+        self.backlog = None if pause_at_ms is None else HopBacklog(pause_at_ms)
         self.cache_store: CacheStore = open_cache_store(
             settings.redis_url, settings.cache.max_entries_per_partition, settings.app_id
         )
@@ -173,7 +175,8 @@ class Pipeline:
                     await stream.ack(event)
                 continue
             self.mark(envelope, stage)
-            self.backlog.observe(envelope.stage_latency_ms[stage], envelope.stage_entered_at)
+            if self.backlog is not None:
+                self.backlog.observe(envelope.stage_latency_ms[stage], envelope.stage_entered_at)
             yield event, envelope
 
     def stage_agent(self, stage: str, handle: StageHandler, screen: bool = True) -> None:

@@ -16,7 +16,8 @@ class HopBacklog:
     request admitted now would queue for at each hop. No hop seen lately: nothing queues
     (a worker whose later stages run elsewhere never holds its intake back)."""
 
-    def __init__(self, window_s: float = 1.0, max_samples: int = 1024) -> None:
+    def __init__(self, limit_ms: float, window_s: float = 1.0, max_samples: int = 1024) -> None:
+        self.limit_ms = limit_ms
         self.window_s = window_s
         self._hops: deque[tuple[float, float]] = deque(maxlen=max_samples)
 
@@ -30,11 +31,11 @@ class HopBacklog:
             return 0.0
         return statistics.median(waited for _, waited in self._hops)
 
-    async def wait_until_below(self, limit_ms: float) -> bool:
+    async def wait_until_below(self) -> bool:
         """Wait while the level is over `limit_ms`; True if it was. The level is a median
         over a sliding window, so it is looked at again rather than waited on."""
         held = False
-        while self.level_ms(time.time()) > limit_ms:
+        while self.level_ms(time.time()) > self.limit_ms:
             held = True
             await asyncio.sleep(RECHECK_S)
         return held
