@@ -12,6 +12,7 @@ highest rate a system keeps up with by running the open loop at rising rates.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import random
@@ -22,6 +23,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from llmflow.brokers import BROKERS
 from llmflow.prompts import load_prompts
 
 Kind = Literal["unique", "duplicate", "near_duplicate"]
@@ -356,3 +358,14 @@ async def max_sustained_rate(
                 high = middle
         good = low
     return RateSearch(round(good, 1), trials)
+
+
+def add_broker_argument(parser: argparse.ArgumentParser) -> None:
+    """`--broker` for a bench that starts its own stack."""
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="tansu",
+        help="the embedded Tansu (its cost grows with every record it holds: "
+        "bench broker), or Apache Kafka from scripts/kafka.sh",
+    )

@@ -28,12 +28,13 @@ from bench.load import (
     SustainCriteria,
     WorkItem,
     WorkloadSpec,
+    add_broker_argument,
     build_workload,
     max_sustained_rate,
     open_loop,
     summary_ms,
 )
-from llmflow.brokers import KafkaBroker, TansuBroker
+from llmflow.brokers import start_broker
 from llmflow.client import LLMFlowClient
 from llmflow.reports import write_report
 from schemas.messages import ChatMessage, GenerationParams, LLMRequest, LLMResponse, Status
@@ -277,7 +278,7 @@ def run_one(base: Settings, fusion: bool, args: argparse.Namespace) -> dict[str,
 
     settings = bench_settings(base, fusion, args.embed)
     provider_args = ["--latency-ms", str(args.latency_ms), "--latency-jitter-ms", "0"]
-    broker = KafkaBroker() if args.broker == "kafka" else TansuBroker()
+    broker = start_broker(args.broker)
     with _embedded(settings, args.workers, provider_args, broker) as (running, workers):
         pids = [p.pid for p in workers.processes]
         result = asyncio.run(measure(running, pids, args, broker.pid))
@@ -371,12 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument(
-        "--broker",
-        choices=("tansu", "kafka"),
-        default="tansu",
-        help="the embedded Tansu, or Apache Kafka from scripts/kafka.sh",
-    )
+    add_broker_argument(parser)
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's")
     parser.add_argument("--duplicate-share", type=float, default=0.1)
     parser.add_argument("--near-duplicate-share", type=float, default=0.1)

@@ -379,3 +379,13 @@ class KafkaBroker(Managed):
             self._tmp = None
         self.directory = None
         self.bootstrap = None
+
+
+BROKERS = ("tansu", "kafka")
+
+
+def start_broker(kind: str) -> TansuBroker | KafkaBroker:
+    """The broker `kind` names, not yet started: the embedded Tansu or Apache Kafka."""
+    if kind not in BROKERS:
+        raise ValueError(f"unknown broker {kind!r}: one of {', '.join(BROKERS)}")
+    return KafkaBroker() if kind == "kafka" else TansuBroker()

@@ -17,6 +17,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from bench import batching as bench_batching
+from bench import broker as bench_broker
 from bench import faults as bench_faults
 from bench import fuzz as bench_fuzz
 from bench import kill as bench_kill
@@ -399,6 +400,9 @@ def parser() -> argparse.ArgumentParser:
     peer = bench_sub.add_parser("peer", help="llmflow beside the LiteLLM proxy, same workload")
     bench_peer.add_arguments(peer)
     peer.set_defaults(func=bench_peer.run)
+    broker = bench_sub.add_parser("broker", help="the broker's cost per record as its log grows")
+    bench_broker.add_arguments(broker)
+    broker.set_defaults(func=bench_broker.run)
     pipeline = bench_sub.add_parser("pipeline", help="overhead, max req/s, fusion off and on")
     bench_pipeline.add_arguments(pipeline)
     pipeline.set_defaults(func=bench_pipeline.run)

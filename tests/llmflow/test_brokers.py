@@ -11,7 +11,14 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker, free_port, wait_for_port
+from llmflow.brokers import (
+    KafkaBroker,
+    RedisServer,
+    TansuBroker,
+    free_port,
+    start_broker,
+    wait_for_port,
+)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -64,6 +71,13 @@ def test_free_port_and_wait_for_port() -> None:
         srv.bind(("127.0.0.1", port))
         srv.listen()
         wait_for_port("127.0.0.1", port, timeout=5)
+
+
+def test_start_broker_names_the_embedded_tansu_or_apache_kafka() -> None:
+    assert isinstance(start_broker("tansu"), TansuBroker)
+    assert isinstance(start_broker("kafka"), KafkaBroker)
+    with pytest.raises(ValueError, match="one of tansu, kafka"):
+        start_broker("redpanda")
 
 
 async def test_tansu_produce_consume() -> None:
