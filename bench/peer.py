@@ -3,12 +3,13 @@
 Both systems are HTTP proxies in front of one simulated provider (fixed latency, no
 jitter), driven by the same items through the same open-loop driver (`bench.load`) and the
 same aiohttp sender, so the only difference is the proxy: llmflow's `llmflow serve` ingress
-over the embedded pipeline (Tansu, Redis, faust workers), or `litellm --config` from its
-own venv (`.venv-peer`: LiteLLM's dependencies clash with faust-streaming's, so it never
-enters the runtime venv). Overhead is end-to-end latency minus the provider's configured
-latency, measured at one fixed rate both keep up with; throughput is the highest rate each
-sustains (`max_sustained_rate`). The headline workload has no duplicates, because
-llmflow merges and caches them while LiteLLM (without its cache) calls the model again.
+over the embedded pipeline (Tansu, or Apache Kafka with `--broker kafka`; Redis; faust
+workers), or `litellm --config` from its own venv (`.venv-peer`: LiteLLM's dependencies
+clash with faust-streaming's, so it never enters the runtime venv). Overhead is end-to-end
+latency minus the provider's configured latency, measured at one fixed rate both keep up
+with; throughput is the highest rate each sustains (`max_sustained_rate`). The headline
+workload has no duplicates, because llmflow merges and caches them while LiteLLM (without
+its cache) calls the model again.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from bench.load import (
     SustainCriteria,
     WorkItem,
     WorkloadSpec,
+    add_broker_argument,
     build_workload,
     max_sustained_rate,
     open_loop,
     percentile,
     summary_ms,
 )
-from llmflow.brokers import _ProcessServer
+from llmflow.brokers import _ProcessServer, start_broker
 from llmflow.reports import write_report
 from topology.settings import RateLimit, Settings, load_settings, to_env
 
@@ -373,7 +375,10 @@ def workload(spec: WorkloadSpec, plan: Plan, label: str) -> list[WorkItem]:
 def run_systems(
     args: argparse.Namespace, plan: Plan, workloads: dict[str, list[WorkItem]]
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """The provider alone, llmflow, then LiteLLM, each measured with the other stopped."""
+    """Per workload, on a fresh stack: the provider alone, llmflow, then LiteLLM, each
+    measured with the other stopped. Tansu's cost grows with every record it holds
+    (`bench.broker`), so a workload measured after another on one broker would pay for the
+    other's records."""
     from llmflow.cli import _embedded  # here: the CLI imports this module
 
     litellm = ensure_peer_venv()
@@ -381,22 +386,25 @@ def run_systems(
     settings, keys = bench_settings(load_settings(args.config), tenants)
     tenant_key = {tenant: key for key, tenant in keys.items()}
     provider_args = ["--latency-ms", str(plan.latency_ms), "--latency-jitter-ms", "0"]
-    by_system: dict[str, dict[str, dict[str, Any]]] = {}
-    with _embedded(settings, args.workers, provider_args) as (running, workers):
-        url = running.provider_url
-        root = url.removesuffix("/v1")
-        direct = Target("direct", url, lambda _item: "none")
-        by_system["direct"] = measure_all(direct, workloads, replace(plan, search=False), root)
-        with IngressProcess(running) as ingress:
-            assert ingress.address is not None
-            target = Target("llmflow", ingress.address, lambda item: tenant_key[item.tenant])
-            by_system["llmflow"] = measure_all(target, workloads, plan, root)
-        workers.stop()
-        config = litellm_config(url, [MODEL], MASTER_KEY)
-        with LiteLLMProxy(litellm, config, args.litellm_workers) as proxy:
-            assert proxy.address is not None
-            target = Target("litellm", proxy.address, lambda _item: MASTER_KEY)
-            by_system["litellm"] = measure_all(target, workloads, plan, root)
+    by_system: dict[str, dict[str, dict[str, Any]]] = {"direct": {}, "llmflow": {}, "litellm": {}}
+    for name, items in workloads.items():
+        workload = {name: items}
+        broker = start_broker(args.broker)
+        with _embedded(settings, args.workers, provider_args, broker) as (running, workers):
+            url = running.provider_url
+            root = url.removesuffix("/v1")
+            direct = Target("direct", url, lambda _item: "none")
+            by_system["direct"] |= measure_all(direct, workload, replace(plan, search=False), root)
+            with IngressProcess(running) as ingress:
+                assert ingress.address is not None
+                target = Target("llmflow", ingress.address, lambda item: tenant_key[item.tenant])
+                by_system["llmflow"] |= measure_all(target, workload, plan, root)
+            workers.stop()
+            config = litellm_config(url, [MODEL], MASTER_KEY)
+            with LiteLLMProxy(litellm, config, args.litellm_workers) as proxy:
+                assert proxy.address is not None
+                target = Target("litellm", proxy.address, lambda _item: MASTER_KEY)
+                by_system["litellm"] |= measure_all(target, workload, plan, root)
     return by_system
 
 
@@ -431,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": "HTTP: the same aiohttp sender and open-loop driver against each proxy",
         "provider": {"latency_ms": plan.latency_ms, "latency_jitter_ms": 0.0},
         "processes": {
-            "llmflow": f"llmflow serve + {args.workers} faust worker(s), Tansu, Redis",
+            "llmflow": f"llmflow serve + {args.workers} faust worker(s), {args.broker}, Redis",
             "litellm": f"litellm proxy, {args.litellm_workers} uvicorn worker(s), no database",
         },
         "litellm_requirement": PEER_REQUIREMENTS.read_text().split()[-1],
@@ -521,6 +529,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run a workload with this share of exact duplicates (the headline has none)",
     )
     parser.add_argument("--workers", type=int, default=1, help="llmflow's faust workers")
+    add_broker_argument(parser)
     parser.add_argument(
         "--litellm-workers",
         type=int,
