@@ -1,4 +1,5 @@
-"""`llmflow bench overload`: five times the sustainable load against one worker on Tansu.
+"""`llmflow bench overload`: five times the sustainable load against one worker on Tansu
+(or Apache Kafka, `--broker kafka`).
 
 First the rate the pipeline sustains is searched (`bench.load.max_sustained_rate`) with no
 rate limit; then the worker is restarted with its limits set from that rate (each tenant's
@@ -33,12 +34,14 @@ from bench.load import (
     SustainCriteria,
     WorkItem,
     WorkloadSpec,
+    add_broker_argument,
     build_workload,
     max_sustained_rate,
     open_loop,
     percentile,
     summary_ms,
 )
+from llmflow.brokers import start_broker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.reports import print_rows, write_report
 from llmflow.stack import Workers
@@ -279,11 +282,15 @@ def run(args: argparse.Namespace) -> int:
 
     base = load_settings(args.config)
     provider = ["--latency-ms", str(args.latency_ms), "--latency-jitter-ms", "5"]
+
+    def stack(settings: Settings) -> contextlib.AbstractContextManager[tuple[Settings, Workers]]:
+        return _embedded(settings, 1, provider, start_broker(args.broker))
+
     started = time.monotonic()
     trials: list[Any] = []
     sustainable = args.sustainable_rps
     if not sustainable:
-        with _embedded(unlimited(base), 1, provider) as (settings, _workers):
+        with stack(unlimited(base)) as (settings, _workers):
             sustainable, trials = asyncio.run(search(settings, args))
     shed_settings = limited(
         base,
@@ -293,11 +300,11 @@ def run(args: argparse.Namespace) -> int:
         args.shed_queued_ms or None,
         args.intake_pause_backlog_ms or None,
     )
-    with _embedded(shed_settings, 1, provider) as (settings, workers):
+    with stack(shed_settings) as (settings, workers):
         measured = asyncio.run(measure(settings, workers, args, sustainable))
     limit = shed_settings.ratelimit.default.tenant.requests
     report = {
-        "mode": "one worker on Tansu, simulated provider, unique prompts",
+        "mode": f"one worker on {args.broker}, simulated provider, unique prompts",
         "sustainable_rps": sustainable,
         "search": trials,
         "factor": args.factor,
@@ -345,6 +352,7 @@ def _p50_p99(summary: dict[str, float]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, help="where to write the report")
+    add_broker_argument(parser)
     parser.add_argument("--factor", type=float, default=5.0, help="times the sustainable rate")
     parser.add_argument("--duration-s", type=float, default=20.0, help="each measured run")
     parser.add_argument("--trial-s", type=float, default=15.0, help="each search trial")

@@ -1,24 +1,28 @@
 """`llmflow bench pipeline`: end-to-end latency, the pipeline's own overhead and the highest
 rate it keeps up with, on the embedded stack `llmflow up` runs.
 
-Tansu, Redis, the simulated provider (`--latency-ms`) and `--workers` workers start as
-`llmflow up` starts them; a client sends a ShareGPT workload (`bench.load`) at Poisson
-arrivals. Overhead is each answer's end-to-end latency, measured by the sender, less its
-provider time (`LLMResponse.upstream_ms`: 0 for a cache hit; unknown, and left out, for a
-merged follower, which waited on its leader's call). The max sustained rate is the
-highest rate whose run keeps its send rate, answers 99 % of requests, keeps answers at
-the send rate and keeps p99 under the provider latency plus `--max-overhead-p99-ms`
-(`bench.load.SustainCriteria`). `--compare-fusion` runs it all with stage fusion off and
-on, each on a fresh stack, side by side.
+Tansu (or Apache Kafka, `--broker kafka`), Redis, the simulated provider (`--latency-ms`)
+and `--workers` workers start as `llmflow up` starts them; a client sends a ShareGPT
+workload (`bench.load`) at Poisson arrivals. Overhead is each answer's end-to-end latency,
+measured by the sender, less its provider time (`LLMResponse.upstream_ms`: 0 for a cache
+hit; unknown, and left out, for a merged follower, which waited on its leader's call). The
+max sustained rate is the highest rate whose run keeps its send rate, answers 99 % of
+requests, keeps answers at the send rate and keeps p99 under the provider latency plus
+`--max-overhead-p99-ms` (`bench.load.SustainCriteria`); it is searched on a stack of its
+own, since on Tansu the search would otherwise pay for the records of the run at `--rate`
+(`bench.broker`). `--compare-fusion` runs it all with stage fusion off and on, each on
+fresh stacks, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -213,11 +217,12 @@ def bench_settings(base: Settings, fusion: bool, embed: bool) -> Settings:
     )
 
 
-async def measure(
-    settings: Settings, pids: list[int], args: argparse.Namespace, broker: int | None = None
-) -> dict[str, Any]:
-    """Warm up, run the open loop at `args.rate` with the workers metered, then search the
-    max sustained rate; every run uses its own tenants, so none hits another's cache."""
+@contextlib.asynccontextmanager
+async def driver(
+    settings: Settings, args: argparse.Namespace
+) -> AsyncIterator[Callable[[float, float, str], Awaitable[LoadRun]]]:
+    """`run_at(rate, seconds, tag)`: the open loop at `rate` through a client of the
+    running stack; every run uses its own tenants (`tag`), so none hits another's cache."""
     spec = WorkloadSpec(
         count=0,
         duplicate_share=args.duplicate_share,
@@ -236,6 +241,14 @@ async def measure(
             items = build_workload(replace(spec, count=count, tenant_prefix=tag))
             return await open_loop(send, items, rate, args.seed, args.timeout_s)
 
+        yield run_at
+
+
+async def measure(
+    settings: Settings, pids: list[int], args: argparse.Namespace, broker: int | None = None
+) -> dict[str, Any]:
+    """Warm up, then run the open loop at `args.rate` with the stack metered."""
+    async with driver(settings, args) as run_at:
         warm = await run_at(WARM_UP_RPS, WARM_UP_REQUESTS / WARM_UP_RPS, "warm-up")
         meters = {
             role: ResourceMeter(group) for role, group in stack_processes(pids, broker).items()
@@ -244,9 +257,22 @@ async def measure(
             meter.start()
         main = await run_at(args.rate, args.duration, "main")
         resources = {role: meter.stop() for role, meter in meters.items()}
+    return {
+        **run_summary(main),
+        "warm_up": {"requests": len(warm.samples), "statuses": warm.statuses()},
+        "workers": resources["workers"],
+        "stack": resources,
+        **cpu_per_request(resources, main),
+    }
+
+
+async def search(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then search the max sustained rate."""
+    async with driver(settings, args) as run_at:
+        await run_at(WARM_UP_RPS, WARM_UP_REQUESTS / WARM_UP_RPS, "warm-up")
         criteria = SustainCriteria(max_p99_ms=args.latency_ms + args.max_overhead_p99_ms)
         trials = itertools.count()
-        search = await max_sustained_rate(
+        found = await max_sustained_rate(
             lambda rate: run_at(rate, args.search_duration, f"search-{next(trials)}"),
             criteria,
             args.search_start,
@@ -254,12 +280,7 @@ async def measure(
             args.search_steps,
         )
     return {
-        **run_summary(main),
-        "warm_up": {"requests": len(warm.samples), "statuses": warm.statuses()},
-        "workers": resources["workers"],
-        "stack": resources,
-        **cpu_per_request(resources, main),
-        "max_sustained_rps": search.max_sustained_rps,
+        "max_sustained_rps": found.max_sustained_rps,
         "search": [
             {
                 "rate_rps": t.rate_rps,
@@ -268,12 +289,13 @@ async def measure(
                 "answered_rps": round(t.run.answered_rps, 1),
                 "latency_p99_ms": summary_ms(t.run.latencies_ms())["p99"],
             }
-            for t in search.trials
+            for t in found.trials
         ],
     }
 
 
 def run_one(base: Settings, fusion: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """The run at `args.rate` on one stack, the search on another."""
     from llmflow.cli import _embedded  # here: the CLI imports this module
 
     settings = bench_settings(base, fusion, args.embed)
@@ -282,6 +304,9 @@ def run_one(base: Settings, fusion: bool, args: argparse.Namespace) -> dict[str,
     with _embedded(settings, args.workers, provider_args, broker) as (running, workers):
         pids = [p.pid for p in workers.processes]
         result = asyncio.run(measure(running, pids, args, broker.pid))
+    fresh = _embedded(settings, args.workers, provider_args, start_broker(args.broker))
+    with fresh as (running, _workers):
+        result |= asyncio.run(search(running, args))
     return {"fusion": fusion, **result}
 
 

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from bench.pipeline import add_arguments, measure
+from bench.pipeline import add_arguments, measure, search
 from tests.integration.conftest import PROVIDER_LATENCY_MS, RunningPipeline
 
 pytestmark = pytest.mark.integration
@@ -27,6 +27,7 @@ async def test_measure_reports_overhead_stages_workers_and_a_rate_search(
     )
     pids = [p.pid for p in tansu_pipeline.workers.processes]
     report = await measure(tansu_pipeline.settings, pids, args)
+    report |= await search(tansu_pipeline.settings, args)
 
     assert report["requests"] == 30 and report["answered_share"] == 1.0, report["statuses"]
     assert set(report["statuses"]) <= {"ok", "cached", "merged"}
