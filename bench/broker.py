@@ -4,14 +4,15 @@ Tansu 0.6's memory engine, the embedded default, pays for the records it holds o
 produce and fetch, and it frees none: it applies no `retention.ms` and closes the
 connection on DeleteRecords. A run on the embedded stack therefore slows as it goes, and
 a measurement taken after another (a second workload, a later search trial) pays for the
-first one's records: a request leaves about 17 records behind. Apache Kafka finds an
-offset through its index, so its cost stays flat. This bench shows both side by side: at
-each step, `--rounds` round trips on one topic (a record sent and acknowledged, then
-fetched by a consumer waiting on the topic's end), the broker's CPU per round from /proc
-and the round trip's p50; then `--grow` more records are written before the next step. A
-first pass of `--rounds`, not measured, warms both up.
+first one's records: a request leaves about 17 records behind. Apache Kafka's cost does
+not grow that way. This bench shows both side by side: at each step, `--rounds` round
+trips on one topic (a record sent and acknowledged, then fetched by a consumer waiting on
+the topic's end), the broker's CPU per round from /proc and the round trip's p50; then
+`--grow` more records are written before the next step. A first pass of `--rounds`, not
+measured, warms both up.
 
-The benches that start a stack (`bench pipeline`, `bench peer`) take `--broker`.
+The benches that start a stack (`bench pipeline`, `bench peer`, `bench overload`) take
+`--broker`.
 """
 
 from __future__ import annotations
