@@ -684,7 +684,13 @@ class ScalerSettings(Section):
 class Settings(Section):
     app_id: str = "llmflow"
     bootstrap_servers: str = "127.0.0.1:9092"
-    consumer_fetch_max_wait_ms: int = 5
+    consumer_fetch_max_wait_ms: int = Field(
+        default=5,
+        ge=0,
+        description="the stages' and the client's fetch wait: Tansu does not answer a "
+        "waiting fetch when a record arrives, so each hop waits on it; Apache Kafka does, "
+        "and there 500 cuts the polling at idle (README, Benchmarks)",
+    )
     watcher_fetch_max_wait_ms: int = Field(
         default=100,
         ge=0,
