@@ -370,12 +370,14 @@ class Envelope(WireModel):
         description="a control copy for dedup: the in-flight entry whose lock has expired",
     )
 
-    def mark(self, stage: str, now: float | None = None) -> None:
-        """Charge the time since the previous stage handed over (queue + work) to `stage`."""
+    def mark(self, stage: str, now: float | None = None) -> float:
+        """Charge the time since the previous stage handed over (queue + work) to `stage`;
+        returns that time in ms (a stage entered twice keeps the sum of both)."""
         now = time.time() if now is None else now
         spent = (now - self.stage_entered_at) * 1000.0
         self.stage_latency_ms[stage] = self.stage_latency_ms.get(stage, 0.0) + spent
         self.stage_entered_at = now
+        return spent
 
     def expired(self, now: float | None = None) -> bool:
         deadline = self.request.deadline

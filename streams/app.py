@@ -174,9 +174,9 @@ class Pipeline:
                 if not stream.enable_acks:
                     await stream.ack(event)
                 continue
-            self.mark(envelope, stage)
+            hop_ms = self.mark(envelope, stage)
             if self.backlog is not None:
-                self.backlog.observe(envelope.stage_latency_ms[stage], envelope.stage_entered_at)
+                self.backlog.observe(hop_ms, envelope.stage_entered_at)
             yield event, envelope
 
     def stage_agent(self, stage: str, handle: StageHandler, screen: bool = True) -> None:
@@ -234,9 +234,11 @@ class Pipeline:
                 f"the {stage} stage failed on this request: {exc!r}",
             )
 
-    def mark(self, envelope: Envelope, stage: str) -> None:
-        envelope.mark(stage)
+    def mark(self, envelope: Envelope, stage: str) -> float:
+        """Time the hop into `stage` (`Envelope.mark`); returns it in ms."""
+        hop_ms = envelope.mark(stage)
         metrics.stage_latency.labels(stage).observe(envelope.stage_latency_ms[stage] / 1e3)
+        return hop_ms
 
     async def send(self, stage: str, envelope: Envelope) -> None:
         """Hand `envelope` to `stage`, keyed as the stage graph says, or run `stage` on it

@@ -114,9 +114,9 @@ def test_envelope_round_trips_through_json() -> None:
 
 def test_envelope_mark_accumulates() -> None:
     env = Envelope(request=request(), stage_entered_at=100.0)
-    env.mark("dedup", now=100.010)
-    env.mark("cache", now=100.015)
-    env.mark("dedup", now=100.025)
+    assert env.mark("dedup", now=100.010) == pytest.approx(10.0)
+    assert env.mark("cache", now=100.015) == pytest.approx(5.0)
+    assert env.mark("dedup", now=100.025) == pytest.approx(10.0)
     assert env.stage_latency_ms["dedup"] == pytest.approx(20.0)
     assert env.stage_latency_ms["cache"] == pytest.approx(5.0)
     assert env.stage_entered_at == 100.025
