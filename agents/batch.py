@@ -399,7 +399,8 @@ def attach(pipeline: Pipeline) -> None:
 
         async def hand_on(event: EventT[bytes], envelope: Envelope) -> None:
             try:
-                await pipeline.send("postprocess", envelope)
+                with pipeline.handling(STAGE, event):
+                    await pipeline.send("postprocess", envelope)
             except Exception as exc:
                 await pipeline.handle_crash(event, envelope, STAGE, exc)
 

@@ -81,14 +81,22 @@ def attach(pipeline: Pipeline) -> None:
         layers.observe(envelope, event.message.partition)
         if cacheable(envelope):
             await layers.store(envelope, event.message.partition)
-        followers = inflight.followers(envelope.fingerprint, envelope.request.id)
-        metrics.stage_events.labels(STAGE, "released").inc(len(followers))
         await pipeline.send("respond", envelope)
-        for follower in followers:
-            pipeline.mark(follower, "merge_wait")
-            stage = release(follower, envelope, pipeline.cancelled.reason(follower.request.id))
-            metrics.stage_events.labels(STAGE, f"follower_to_{stage}").inc()
-            await pipeline.send(stage, follower)
+        released: set[str] = set()
+        # Dedup may park more followers while these are sent; the last look and `end` run
+        # with no await between them, so nobody is left waiting on an ended entry.
+        while followers := [
+            f
+            for f in inflight.followers(envelope.fingerprint, envelope.request.id)
+            if f.request.id not in released
+        ]:
+            metrics.stage_events.labels(STAGE, "released").inc(len(followers))
+            for follower in followers:
+                released.add(follower.request.id)
+                pipeline.mark(follower, "merge_wait")
+                stage = release(follower, envelope, pipeline.cancelled.reason(follower.request.id))
+                metrics.stage_events.labels(STAGE, f"follower_to_{stage}").inc()
+                await pipeline.send(stage, follower)
         # Only now: a crash before this point redelivers the event and answers them again.
         inflight.end(envelope.fingerprint, envelope.request.id)
 

@@ -372,5 +372,5 @@ def attach(pipeline: Pipeline) -> None:
                     encoder, pipeline.bucketer, [envelope for _, envelope in accepted]
                 )
             for event, envelope in accepted:
-                with on_behalf_of(event):
+                with on_behalf_of(event), pipeline.handling(STAGE, event):
                     await forward(event, envelope)

@@ -10,8 +10,8 @@ max sustained rate is the highest rate whose run keeps its send rate, answers 99
 requests, keeps answers at the send rate and keeps p99 under the provider latency plus
 `--max-overhead-p99-ms` (`bench.load.SustainCriteria`); it is searched on a stack of its
 own, since on Tansu the search would otherwise pay for the records of the run at `--rate`
-(`bench.broker`). `--compare-fusion` runs it all with stage fusion off and on, each on
-fresh stacks, side by side.
+(`bench.broker`). `--compare-fusion` runs it all with stage fusion off, by key and local
+(`Settings.fusion`), each on fresh stacks, side by side.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, get_args
 
 from bench.load import (
     LoadRun,
@@ -42,7 +42,15 @@ from llmflow.brokers import start_broker
 from llmflow.client import LLMFlowClient
 from llmflow.reports import write_report
 from schemas.messages import ChatMessage, GenerationParams, LLMRequest, LLMResponse, Status
-from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates, Settings, load_settings
+from topology.settings import (
+    AdaptiveLimit,
+    Fusion,
+    Quota,
+    RateLimit,
+    Rates,
+    Settings,
+    load_settings,
+)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -198,7 +206,7 @@ def cpu_per_request(resources: dict[str, dict[str, Any]], run: LoadRun) -> dict[
     }
 
 
-def bench_settings(base: Settings, fusion: bool, embed: bool) -> Settings:
+def bench_settings(base: Settings, fusion: Fusion, embed: bool) -> Settings:
     """Limits far above any rate tried, so the bench measures the path, not the limiter."""
     limit = RateLimit(burst=1e6, per_second=1e6)
     ratelimit = base.ratelimit.model_copy(
@@ -294,7 +302,7 @@ async def search(settings: Settings, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-def run_one(base: Settings, fusion: bool, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(base: Settings, fusion: Fusion, args: argparse.Namespace) -> dict[str, Any]:
     """The run at `args.rate` on one stack, the search on another."""
     from llmflow.cli import _embedded  # here: the CLI imports this module
 
@@ -331,23 +339,26 @@ def value_at(run: dict[str, Any], key: str | tuple[str, str]) -> float:
     return float(run[key])
 
 
-def ratio(fused: float, unfused: float) -> float | None:
-    return round(fused / unfused, 3) if unfused else None
+def ratio(value: float, baseline: float) -> float | None:
+    return round(value / baseline, 3) if baseline else None
 
 
-def comparison(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float | None]]:
-    """A table of each run's headline numbers and, with two runs, fused / unfused."""
-    names = list(runs)
+def comparison(
+    runs: dict[str, dict[str, Any]],
+) -> tuple[str, dict[str, dict[str, float | None]]]:
+    """A table of each run's headline numbers and each later run's over the first's."""
+    first, *later = list(runs)
+    names = [first, *later]
     header = f"{'':24}" + "".join(f"{n:>12}" for n in names)
-    ratios: dict[str, float | None] = {}
-    lines = [header + (f"{'fused/unfused':>15}" if len(runs) == 2 else "")]
+    ratios: dict[str, dict[str, float | None]] = {n: {} for n in later}
+    lines = [header + "".join(f"{n + '/' + first:>14}" for n in later)]
     for label, key in COMPARED:
         values = [value_at(runs[n], key) for n in names]
         line = f"{label:24}" + "".join(f"{v:>12.1f}" for v in values)
-        if len(runs) == 2:
-            name = key if isinstance(key, str) else "_".join(key)
-            ratios[name] = ratio(values[1], values[0])
-            line += f"{ratios[name] or 0:>15.3f}"
+        name = key if isinstance(key, str) else "_".join(key)
+        for n, value in zip(later, values[1:], strict=True):
+            ratios[n][name] = ratio(value, values[0])
+            line += f"{ratios[n][name] or 0:>14.3f}"
         lines.append(line)
     stages = sorted({s for r in runs.values() for s in r["stage_ms"]})
     for stage in stages:
@@ -358,11 +369,12 @@ def comparison(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, float | 
 
 def run(args: argparse.Namespace) -> int:
     base = load_settings(args.config)
-    fusions = (False, True) if args.compare_fusion else (base.fusion,)
-    runs = {("fused" if f else "unfused"): run_one(base, f, args) for f in fusions}
+    fusion: Fusion = args.fusion or base.fusion
+    fusions: tuple[Fusion, ...] = get_args(Fusion) if args.compare_fusion else (fusion,)
+    runs: dict[str, dict[str, Any]] = {f: run_one(base, f, args) for f in fusions}
     table, ratios = comparison(runs)
     print(table)
-    primary = runs["fused" if base.fusion else "unfused"]
+    primary = runs[fusion]
     report = {
         "benchmark": "pipeline",
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
@@ -386,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
         "cpu_ms_per_request": primary["cpu_ms_per_request"],
         "cpu_bound_rps": primary["cpu_bound_rps"],
         "runs": runs,
-        "fused_over_unfused": ratios,
+        "fusion": fusion,
+        "over_fusion_off": ratios,
     }
     write_report(report, args.json)
     return 0
@@ -409,5 +422,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-duration", type=float, default=10.0, help="seconds per trial")
     parser.add_argument("--search-steps", type=int, default=3, help="bisections after doubling")
     parser.add_argument("--max-overhead-p99-ms", type=float, default=1000.0)
-    parser.add_argument("--compare-fusion", action="store_true", help="fusion off, then on")
+    parser.add_argument(
+        "--fusion", choices=get_args(Fusion), help="the reported run's; default: the config's"
+    )
+    parser.add_argument(
+        "--compare-fusion", action="store_true", help="fusion off, by key, then local"
+    )
     parser.add_argument("--seed", type=int, default=0)

@@ -6,14 +6,18 @@ Agents attach themselves to a `Pipeline`; they never name a topic or a key thems
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
 import faust
-from faust.types import EventT, StreamT, TableT, TopicT
+from faust import streams as faust_streams
+from faust.events import Event
+from faust.types import TP, EventT, Message, StreamT, TableT, TopicT
 from pydantic import ValidationError
 
 from schemas.messages import DeadLetter, Envelope, ErrorCode, Status, StatusEvent, dump
@@ -39,6 +43,47 @@ handling: ContextVar[tuple[str, EventT[bytes]] | None] = ContextVar("handling", 
 def raw_bytes(event: EventT[bytes]) -> bytes:
     """The message as sent; a tombstone (no value) reads as empty."""
     return event.value if isinstance(event.value, bytes) else b""
+
+
+class LocalEvent(Event):
+    """What a stage run in process by `Pipeline.send` handles: an event of its own topic and
+    of the partition the request would have reached, so its Tables read and write that
+    partition; `consumed` is the event read from Kafka, whose ack, transaction and dead
+    letters it shares."""
+
+    def __init__(self, handled: EventT[bytes], topic: str, partition: int) -> None:
+        read = handled.message
+        message = Message(
+            topic,
+            partition,
+            read.offset,
+            read.timestamp,
+            read.timestamp_type,
+            read.headers,
+            read.key,
+            read.value,
+            read.checksum,
+            generation_id=read.generation_id,
+        )
+        super().__init__(handled.app, handled.key, handled.value, handled.headers, message)
+        self.consumed: EventT[bytes] = consumed(handled)
+
+
+def consumed(event: EventT[bytes]) -> EventT[bytes]:
+    """The event read from Kafka behind `event`."""
+    return event.consumed if isinstance(event, LocalEvent) else event
+
+
+@contextlib.contextmanager
+def handling_locally(event: LocalEvent) -> Iterator[None]:
+    """faust's Tables find their partition through faust's current event, which has no
+    public setter; sends join the transaction of the event read from Kafka."""
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        with kafka_transport.on_behalf_of(event.consumed):
+            yield
+    finally:
+        faust_streams._current_event.reset(token)
 
 
 def key_of(envelope: Envelope, key_by: KeyBy) -> bytes:
@@ -115,9 +160,20 @@ class Pipeline:
             settings.redis_url, settings.cache.max_entries_per_partition, settings.app_id
         )
         self.cancelled = CancelledSet(settings.cancel.remember_s, settings.cancel.max_remembered)
+        # The partitions this worker owns, as of the last rebalance: fused sends reach only
+        # these (faust's consumer builds a new set each time it is asked).
+        self.owned: frozenset[TP] = frozenset()
+        self.app.on_partitions_revoked.connect(cast(Any, self._revoked))
+        self.app.on_partitions_assigned.connect(cast(Any, self._assigned))
         self.app.task(self._watch_cancels)
         self.sampler = metrics.worker_sampler()
         self.app.timer(settings.metrics_sample_s)(self._sample_metrics)
+
+    def _revoked(self, _app: object, revoked: set[TP], **_kwargs: object) -> None:
+        self.owned = self.owned - revoked
+
+    def _assigned(self, _app: object, assigned: set[TP], **_kwargs: object) -> None:
+        self.owned = frozenset(assigned)
 
     async def _watch_cancels(self) -> None:
         await watch_cancels(self.settings, self.cancelled, time.time)
@@ -197,17 +253,24 @@ class Pipeline:
         self.app.agent(self.stage_topics[stage], name=stage)(agent)
 
     async def _enter(self, stage: str, event: EventT[bytes], envelope: Envelope) -> None:
+        if isinstance(event, LocalEvent):
+            with handling_locally(event):
+                await self._handle(stage, event, envelope)
+        else:
+            await self._handle(stage, event, envelope)
+
+    async def _handle(self, stage: str, event: EventT[bytes], envelope: Envelope) -> None:
         handle, screen = self._handlers[stage]
-        token = handling.set((stage, event))
         try:
-            if screen and await self.screen(envelope, stage):
-                return
-            try:
-                await handle(event, envelope)
-            except kafka_transport.PartitionRevoked:
-                raise
-            except Exception as exc:
-                await self.handle_crash(event, envelope, stage, exc)
+            with self.handling(stage, event):
+                if screen and await self.screen(envelope, stage):
+                    return
+                try:
+                    await handle(event, envelope)
+                except kafka_transport.PartitionRevoked:
+                    raise
+                except Exception as exc:
+                    await self.handle_crash(event, envelope, stage, exc)
         except kafka_transport.PartitionRevoked as exc:
             log.info(
                 "stage %s left request %s to its partition's new owner: %s",
@@ -215,6 +278,13 @@ class Pipeline:
                 envelope.request.id,
                 exc,
             )
+
+    @contextlib.contextmanager
+    def handling(self, stage: str, event: EventT[bytes]) -> Iterator[None]:
+        """Sends made inside are `stage`'s for `event`, so they may fuse (`send`)."""
+        token = handling.set((stage, event))
+        try:
+            yield
         finally:
             handling.reset(token)
 
@@ -242,26 +312,29 @@ class Pipeline:
 
     async def send(self, stage: str, envelope: Envelope) -> None:
         """Hand `envelope` to `stage`, keyed as the stage graph says, or run `stage` on it
-        here and now when the stage at hand fuses with it (`Settings.fuses`) and the
-        envelope would land on the partition being handled: that stage's Tables then
-        write to the same partition as after a hop, and the event is acked only once
-        both stages are done with it (a crash replays the pair)."""
+        here and now when the stage at hand fuses with it (`Settings.fuses`) and this
+        worker owns the partition the envelope would reach: that stage's Tables then write
+        to that partition as after a hop, and the event read from Kafka is acked only once
+        every stage run for it is done (a crash replays them all)."""
         spec = self.settings.stage(stage)
         current = handling.get()
         if (
             current is not None
             and stage in self._handlers
             and self.settings.fuses(current[0], stage)
-            and partition_of(spec, self.bucketer, envelope) == current[1].message.partition
         ):
-            metrics.fused_sends.labels(current[0], stage).inc()
-            # A copy, as a hop would deliver: the sender may still change its own.
-            fused = envelope.model_copy(deep=True)
-            self.mark(fused, stage)
-            await self._enter(stage, current[1], fused)
-            return
-        key, partition = destination(spec, self.bucketer, envelope)
-        await self.stage_topics[stage].send(key=key, value=dump(envelope), partition=partition)
+            partition = partition_of(spec, self.bucketer, envelope)
+            if TP(spec.topic.name, partition) in self.owned:
+                metrics.fused_sends.labels(current[0], stage).inc()
+                # A copy, as a hop would deliver: the sender may still change its own.
+                fused = envelope.model_copy(deep=True)
+                self.mark(fused, stage)
+                await self._enter(stage, LocalEvent(current[1], spec.topic.name, partition), fused)
+                return
+        key, partition_or_none = destination(spec, self.bucketer, envelope)
+        await self.stage_topics[stage].send(
+            key=key, value=dump(envelope), partition=partition_or_none
+        )
 
     async def fail(
         self,
@@ -329,7 +402,9 @@ class Pipeline:
     async def dead_letter(
         self, event: EventT[bytes], reason: str, message: str, request_id: str | None
     ) -> None:
-        """Keep `event`'s raw bytes and where they came from on the DLQ."""
+        """Keep the raw bytes of the event read from Kafka and where they came from on the
+        DLQ."""
+        event = consumed(event)
         letter = DeadLetter(
             raw_b64=base64.b64encode(raw_bytes(event)).decode(),
             reason=reason,

@@ -57,6 +57,8 @@ class Topics(Section):
 KeyBy = Literal["tenant", "fingerprint", "locality", "model", "request_id"]
 # Stages keyed by these share Tables, so their topics need one partition count.
 COPARTITIONED: tuple[KeyBy, ...] = ("fingerprint", "locality")
+# Which sends may run the next stage in process instead of producing to its topic.
+Fusion = Literal["off", "key", "local"]
 # Preprocess reads the public requests topic, so it has no StageSpec of its own.
 ENTRY_STAGE = "preprocess"
 # How docker-compose.yml and k8s split the stages into worker groups: core holds every
@@ -716,10 +718,12 @@ class Settings(Section):
         default_factory=list,
         description="the stages this worker runs (a JSON list or comma separated); empty: all",
     )
-    fusion: bool = Field(
-        default=False,
+    fusion: Fusion = Field(
+        default="off",
         description="a stage hands a request to the next one in process, without a Kafka hop, "
-        "where both share key and partition count and this worker runs both (Settings.fuses)",
+        "where this worker runs both and owns the partition the request would reach: "
+        "'key' only between stages of one key and partition count, 'local' between any "
+        "(Settings.fuses); true reads as 'key'",
     )
     data_dir: str = ".cache/worker"
     table_store: Literal["memory://", "rocksdb://"] = Field(
@@ -747,6 +751,14 @@ class Settings(Section):
     feedback: FeedbackSettings = FeedbackSettings()
     scaler: ScalerSettings = ScalerSettings()
 
+    @field_validator("fusion", mode="before")
+    @classmethod
+    def _fusion_from_bool(cls, value: Any) -> Any:
+        """`LLMFLOW_FUSION=true`, from before fusion across keys, still means 'key'."""
+        if isinstance(value, bool) or value in ("true", "false"):
+            return "key" if value in (True, "true") else "off"
+        return value
+
     @field_validator("worker_stages", mode="before")
     @classmethod
     def _split_stage_names(cls, value: Any) -> Any:
@@ -773,6 +785,11 @@ class Settings(Section):
         if unknown_groups:
             raise ValueError(f"scaler.groups names unknown deploy groups {unknown_groups}")
         self._check_worker_stages()
+        if self.fusion == "local" and self.processing_guarantee == "exactly_once":
+            raise ValueError(
+                "fusion 'local' writes one partition's Tables from another's transaction, "
+                "which a rebalance can split: exactly-once takes fusion 'key' or 'off'"
+            )
         if self.semantic.enabled and not self.embedding.enabled:
             raise ValueError("semantic.enabled needs embedding.enabled: it matches embeddings")
         known = {m.name for m in self.models}
@@ -813,14 +830,19 @@ class Settings(Section):
         return not self.worker_stages or stage in self.worker_stages
 
     def fuses(self, sender: str, receiver: str) -> bool:
-        """Whether `sender` may call `receiver` in process: with fusion on, a request keeps
-        its key and partition number across the two topics, so the receiver's Tables are
-        those of the partition at hand; a stage never fuses into itself."""
-        specs = {s.name: s for s in self.stages}
-        if not self.fusion or sender == receiver or not self.runs(receiver):
+        """Whether `sender` may call `receiver` in process when this worker owns the
+        partition the request would reach (`Pipeline.send`). With 'key' a request keeps
+        its key and partition number across the two topics; with 'local' any stage may
+        hand to any other this worker runs. A stage never fuses into itself."""
+        if self.fusion == "off" or sender == receiver or not self.runs(receiver):
             return False
+        specs = {s.name: s for s in self.stages}
         before, after = specs.get(sender), specs.get(receiver)
-        if before is None or after is None:
+        if after is None or (before is None and sender != ENTRY_STAGE):
+            return False
+        if self.fusion == "local":
+            return True
+        if before is None:
             return False
         same_partitions = before.topic.partitions == after.topic.partitions
         return before.key_by == after.key_by and same_partitions

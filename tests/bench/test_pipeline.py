@@ -78,12 +78,12 @@ def test_work_items_become_requests_with_their_token_limit() -> None:
 
 
 def test_bench_settings_lift_the_limits_and_set_fusion() -> None:
-    settings = bench_settings(Settings(), fusion=True, embed=True)
-    assert settings.fusion and settings.embedding.enabled and settings.semantic.enabled
+    settings = bench_settings(Settings(), fusion="local", embed=True)
+    assert settings.fusion == "local" and settings.embedding.enabled and settings.semantic.enabled
     limit = settings.ratelimit.default.tenant.requests
     assert limit is not None and limit.per_second >= 1e6
     assert not settings.ratelimit.adaptive.enabled
-    assert not bench_settings(Settings(), fusion=False, embed=False).fusion
+    assert bench_settings(Settings(), fusion="off", embed=False).fusion == "off"
 
 
 def summary(latency_ms: float, provider_ms: float) -> dict[str, object]:
@@ -104,21 +104,24 @@ def test_run_summary_has_the_reported_keys_and_overhead_net_of_the_provider() ->
     }
 
 
-def test_comparison_prints_both_runs_and_fused_over_unfused_ratios() -> None:
+def test_comparison_prints_every_run_and_each_later_one_over_the_first() -> None:
     runs = {}
-    for name, latency in (("unfused", 150.0), ("fused", 120.0)):
+    for name, latency, sustained in (("off", 150.0, 100.0), ("key", 120.0, 150.0)):
         run = summary(latency, 100.0)
         runs[name] = {
             **run,
-            "max_sustained_rps": 100.0 if name == "unfused" else 150.0,
+            "max_sustained_rps": sustained,
             "workers": {"cpu_percent_of_one_core": 50.0, "peak_rss_mib": 100.0},
             "cpu_ms_per_request": {"workers": 5.0, "all": 10.0},
             "cpu_bound_rps": 200.0,
         }
+    runs["local"] = {**runs["key"], "overhead_p50_ms": 10.0}
     table, ratios = comparison(runs)
-    assert ratios["overhead_p50_ms"] == pytest.approx(0.4)
-    assert ratios["max_sustained_rps"] == pytest.approx(1.5)
-    assert "fused/unfused" in table and "stage dedup p50 ms" in table
+    assert ratios["key"]["overhead_p50_ms"] == pytest.approx(0.4)
+    assert ratios["key"]["max_sustained_rps"] == pytest.approx(1.5)
+    assert ratios["local"]["overhead_p50_ms"] == pytest.approx(0.2)
+    assert "key/off" in table and "local/off" in table and "stage dedup p50 ms" in table
+    assert comparison({"off": runs["off"]})[1] == {}
 
 
 def test_arguments_default_to_the_issue_rate() -> None:
@@ -126,3 +129,4 @@ def test_arguments_default_to_the_issue_rate() -> None:
     add_arguments(parser)
     args = parser.parse_args(["--compare-fusion"])
     assert args.rate == 1000.0 and args.compare_fusion and args.json == "out/pipeline.json"
+    assert args.fusion is None and parser.parse_args(["--fusion", "local"]).fusion == "local"

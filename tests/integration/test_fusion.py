@@ -1,6 +1,8 @@
-"""Stage fusion on the embedded Tansu broker: with `fusion` on, dedup, cache and route run
-in one worker without Kafka hops between them, and every request is still answered once,
-duplicates merged and repeats served from the cache."""
+"""Stage fusion on the embedded Tansu broker: by key, dedup, cache and route run in one
+worker without Kafka hops between them; local, one worker that owns every partition runs
+each request from preprocess to route, and from batch to respond, without hops. Either way
+every request is still answered once, duplicates merged and repeats served from the
+cache."""
 
 from __future__ import annotations
 
@@ -16,24 +18,29 @@ from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import Status
 from tests.integration.conftest import WORKER_START_S, RunningPipeline, pipeline_settings
 from tests.integration.test_pipeline import answer_demo_workload, read_topic, scrape
+from topology.settings import Fusion
 
 pytestmark = pytest.mark.integration
 
 REDIS_DB = 13
+# The stages one worker that owns every partition reaches only in process.
+LOCAL_SKIPPED = ["ratelimit", "dedup", "cache", "route", "postprocess", "respond"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["key", "local"])
 def fused(
+    request: pytest.FixtureRequest,
     tansu_bootstrap: str,
     redis_url: str,
     provider: SimulatedProvider,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningPipeline]:
     own_redis = f"{redis_url.rsplit('/', 1)[0]}/{REDIS_DB}"
-    settings = pipeline_settings(tansu_bootstrap, own_redis, provider).namespaced("fused-")
-    settings = settings.model_copy(update={"fusion": True})
+    fusion: Fusion = request.param
+    settings = pipeline_settings(tansu_bootstrap, own_redis, provider).namespaced(f"{fusion}-")
+    settings = settings.model_copy(update={"fusion": fusion})
     asyncio.run(create_topics(settings))
-    run_dir = tmp_path_factory.mktemp("fusion")
+    run_dir = tmp_path_factory.mktemp(f"fusion-{fusion}")
     with Workers(settings, run_dir) as workers:
         asyncio.run(wait_for_stable_group(settings, 1, WORKER_START_S))
         yield RunningPipeline("tansu", settings, workers, provider)
@@ -53,19 +60,30 @@ async def test_fused_stages_answer_each_request_once_without_their_hops(
     answered = [r for r in first.values() if r.status is Status.OK]
     assert all({"dedup", "cache", "route"} <= set(r.stage_latency_ms) for r in answered)
     bootstrap = settings.bootstrap_servers
-    dedup_topic = settings.stage("dedup").topic.name
-    assert len(await read_topic(bootstrap, dedup_topic, 41, 30.0)) >= 41
-    for stage in ("cache", "route"):
+    # By key every request reaches dedup through its topic; local only the model calls
+    # reach batch.
+    hopped, reaching, skipped = (
+        ("dedup", 41, ["cache", "route"])
+        if settings.fusion == "key"
+        else ("batch", 1 + len(answered), LOCAL_SKIPPED)
+    )
+    topic = settings.stage(hopped).topic.name
+    assert len(await read_topic(bootstrap, topic, reaching, 30.0)) >= reaching
+    for stage in skipped:
         assert await read_topic(bootstrap, settings.stage(stage).topic.name, 1, 5.0) == []
     (port,) = fused.workers.metrics_ports
-    fused_sends = {
-        dict(labels)["next_stage"]: value
-        for (name, labels), value in scrape(port).items()
-        if name == "llmflow_fused_sends_total"
-    }
+    fused_sends: dict[str, float] = {}
+    for (name, labels), value in scrape(port).items():
+        if name == "llmflow_fused_sends_total":
+            next_stage = dict(labels)["next_stage"]
+            fused_sends[next_stage] = fused_sends.get(next_stage, 0.0) + value
     # Every request but a merged follower (parked in dedup) passed cache; the misses route.
-    reached_cache = 1 + sum(
-        r.status is not Status.MERGED for r in [*first.values(), *second.values()]
-    )
+    responses = [*first.values(), *second.values()]
+    reached_cache = 1 + sum(r.status is not Status.MERGED for r in responses)
     assert fused_sends["cache"] == reached_cache, fused_sends
     assert fused_sends["route"] == 1 + len(answered), fused_sends
+    if settings.fusion == "local":
+        everyone = 1 + len(responses)  # the warm-up too
+        assert fused_sends["ratelimit"] == everyone, fused_sends
+        assert fused_sends["respond"] == everyone, fused_sends
+        assert fused_sends["postprocess"] >= 1 + len(answered), fused_sends

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from dataclasses import dataclass
 from typing import cast
 
-from faust.types import EventT, TopicT
+from faust import current_event
+from faust.events import Event
+from faust.types import TP, EventT, Message, TopicT
 
-from schemas.messages import ChatMessage, Envelope, LLMRequest, Role
-from streams.app import Pipeline, handling, key_of, partition_of
+from schemas.messages import ChatMessage, DeadLetter, Envelope, LLMRequest, Role
+from streams.app import LocalEvent, Pipeline, key_of, partition_of
 from streams.locality import SemanticBucketer
-from topology.settings import Settings, StatusSettings
+from topology.settings import Fusion, Settings, StatusSettings
 
 
 def envelope(bucket: int | None) -> Envelope:
@@ -39,67 +42,129 @@ class Topic:
     """Stands in for a stage's faust topic: records what would have gone to Kafka."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[bytes, int | None]] = []
+        self.sent: list[tuple[bytes | None, int | None, bytes]] = []
 
-    async def send(self, key: bytes, value: bytes, partition: int | None = None) -> None:
-        self.sent.append((key, partition))
-
-
-@dataclass
-class Message:
-    partition: int
+    async def send(self, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        self.sent.append((key, partition, value))
 
 
 @dataclass
-class Event:
-    message: Message
+class Handled:
+    stage: str
+    event: EventT[bytes]
+    envelope: Envelope
+    current: EventT[bytes] | None
 
 
-def fused_pipeline(fusion: bool) -> tuple[Pipeline, list[tuple[str, Envelope]], Topic]:
-    """A pipeline whose cache and route stages record the envelopes they are handed."""
+def fused_pipeline(fusion: Fusion) -> tuple[Pipeline, list[Handled], Topic]:
+    """A pipeline whose cache and route stages record what they are handed and faust's
+    current event (what Tables go by); it owns every partition."""
     pipeline = Pipeline(Settings(fusion=fusion))
-    seen: list[tuple[str, Envelope]] = []
+    seen: list[Handled] = []
     for stage in ("cache", "route"):
 
-        async def handle(_event: EventT[bytes], envelope: Envelope, stage: str = stage) -> None:
-            seen.append((stage, envelope))
+        async def handle(event: EventT[bytes], envelope: Envelope, stage: str = stage) -> None:
+            seen.append(Handled(stage, event, envelope, current_event()))
 
         pipeline.stage_agent(stage, handle)
     topic = Topic()
     pipeline.stage_topics["cache"] = cast(TopicT, topic)
+    pipeline.owned = frozenset(
+        TP(s.topic.name, n) for s in pipeline.settings.stages for n in range(s.topic.partitions)
+    )
     return pipeline, seen, topic
 
 
+def consumed_event(pipeline: Pipeline, stage: str, partition: int) -> EventT[bytes]:
+    settings = pipeline.settings
+    topic = (
+        settings.topics.requests.name if stage == "preprocess" else settings.stage(stage).topic.name
+    )
+    message = Message(topic, partition, 42, 1.0, 0, None, b"k", b"raw", None)
+    return Event(pipeline.app, b"k", b"raw", None, message)
+
+
 async def send_from(pipeline: Pipeline, stage: str, partition: int, sent: Envelope) -> None:
-    token = handling.set((stage, cast(EventT[bytes], Event(Message(partition)))))
-    try:
+    with pipeline.handling(stage, consumed_event(pipeline, stage, partition)):
         await pipeline.send("cache", sent)
-    finally:
-        handling.reset(token)
 
 
-def test_fusion_runs_the_next_stage_in_process_on_a_copy() -> None:
-    pipeline, seen, topic = fused_pipeline(fusion=True)
-    sent = envelope(3)
-    partition = partition_of(pipeline.settings.stage("cache"), pipeline.bucketer, sent)
-    asyncio.run(send_from(pipeline, "dedup", partition, sent))
-    assert topic.sent == []
-    [(stage, handed)] = seen
-    assert stage == "cache" and handed is not sent and handed.request == sent.request
-    assert "cache" in handed.stage_latency_ms and "cache" not in sent.stage_latency_ms
+def cache_partition(pipeline: Pipeline, sent: Envelope) -> int:
+    return partition_of(pipeline.settings.stage("cache"), pipeline.bucketer, sent)
 
 
-def test_without_fusion_or_off_its_partition_or_key_a_request_takes_the_topic() -> None:
-    for fusion, sender, shift in ((False, "dedup", 0), (True, "dedup", 1), (True, "ratelimit", 0)):
+def test_fusion_runs_the_next_stage_in_process_on_a_copy_of_its_own_partition() -> None:
+    cases: tuple[tuple[Fusion, str], ...] = (
+        ("key", "dedup"),
+        ("local", "ratelimit"),
+        ("local", "preprocess"),
+    )
+    for fusion, sender in cases:
         pipeline, seen, topic = fused_pipeline(fusion)
         sent = envelope(3)
-        partition = partition_of(pipeline.settings.stage("cache"), pipeline.bucketer, sent)
+        partition = cache_partition(pipeline, sent)
+        asyncio.run(send_from(pipeline, sender, partition, sent))
+        assert topic.sent == []
+        [handled] = seen
+        assert handled.stage == "cache" and handled.envelope is not sent
+        assert handled.envelope.request == sent.request
+        assert "cache" in handled.envelope.stage_latency_ms
+        assert "cache" not in sent.stage_latency_ms
+        # Tables go by the cache topic's partition; acks and dead letters by the event read.
+        message = handled.event.message
+        assert (message.topic, message.partition) == ("llm.stage.cache", partition)
+        assert handled.current is handled.event
+        assert isinstance(handled.event, LocalEvent)
+        assert handled.event.consumed.message.offset == 42
+
+
+def test_without_fusion_off_its_partition_or_key_or_not_owned_a_request_takes_the_topic() -> None:
+    cases: tuple[tuple[Fusion, str, int], ...] = (
+        ("off", "dedup", 0),
+        ("key", "dedup", 1),
+        ("key", "ratelimit", 0),
+    )
+    for fusion, sender, shift in cases:
+        pipeline, seen, topic = fused_pipeline(fusion)
+        sent = envelope(3)
         partitions = pipeline.settings.stage("cache").topic.partitions
-        asyncio.run(send_from(pipeline, sender, (partition + shift) % partitions, sent))
+        shifted = (cache_partition(pipeline, sent) + shift) % partitions
+        if fusion == "key" and shift:
+            pipeline.owned -= {TP("llm.stage.cache", cache_partition(pipeline, sent))}
+        asyncio.run(send_from(pipeline, sender, shifted, sent))
         assert seen == [] and len(topic.sent) == 1
-    pipeline, seen, topic = fused_pipeline(fusion=True)
+    pipeline, seen, topic = fused_pipeline("local")
+    pipeline.owned = frozenset()
+    asyncio.run(send_from(pipeline, "ratelimit", 0, envelope(3)))
     asyncio.run(pipeline.send("cache", envelope(3)))
-    assert seen == [] and len(topic.sent) == 1
+    assert seen == [] and len(topic.sent) == 2
+
+
+def test_owned_partitions_follow_rebalances() -> None:
+    pipeline = Pipeline(Settings())
+    kept, moved = TP("llm.stage.cache", 0), TP("llm.stage.cache", 1)
+    pipeline._assigned(pipeline.app, {kept, moved})
+    pipeline._revoked(pipeline.app, {moved})
+    assert pipeline.owned == {kept}
+    pipeline._assigned(pipeline.app, {moved})
+    assert pipeline.owned == {moved}
+
+
+def test_a_fused_stage_dead_letters_the_event_read_from_kafka() -> None:
+    pipeline, _seen, _topic = fused_pipeline("local")
+    dlq = Topic()
+    pipeline.dlq_topic = cast(TopicT, dlq)
+    read = consumed_event(pipeline, "ratelimit", 5)
+    fused = LocalEvent(LocalEvent(read, "llm.stage.dedup", 2), "llm.stage.cache", 3)
+    asyncio.run(pipeline.dead_letter(fused, "internal_error", "boom", "r1"))
+    [(_key, _partition, value)] = dlq.sent
+    letter = DeadLetter.model_validate_json(value)
+    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+        "llm.stage.ratelimit",
+        5,
+        42,
+    )
+    assert base64.b64decode(letter.raw_b64) == b"raw"
 
 
 def test_status_reports_go_out_unless_status_is_off() -> None:

@@ -238,15 +238,32 @@ def test_worker_stages_splitting_the_table_sharing_stages_is_refused() -> None:
 
 def test_fusion_joins_stages_of_one_key_and_partition_count_that_this_worker_runs() -> None:
     assert not Settings().fuses("dedup", "cache")
-    fused = Settings(fusion=True)
+    fused = Settings(fusion="key")
     assert fused.fuses("dedup", "cache") and fused.fuses("cache", "route")
     assert fused.fuses("route", "postprocess")
     assert not fused.fuses("ratelimit", "dedup")  # tenant, then locality
     assert not fused.fuses("route", "batch")  # locality, then model
     assert not fused.fuses("dedup", "dedup") and not fused.fuses("preprocess", "ratelimit")
     assert fused.fuses("respond", "feedback")
-    assert not Settings(fusion=True, worker_stages=["respond"]).fuses("respond", "feedback")
+    assert not Settings(fusion="key", worker_stages=["respond"]).fuses("respond", "feedback")
     stages = [s.model_copy() for s in fused.stages]
     cache = next(s for s in stages if s.name == "cache")
     cache.topic = cache.topic.model_copy(update={"partitions": 12})
     assert not fused.model_copy(update={"stages": stages}).fuses("dedup", "cache")
+
+
+def test_local_fusion_joins_any_two_stages_this_worker_runs() -> None:
+    local = Settings(fusion="local")
+    assert local.fuses("preprocess", "ratelimit") and local.fuses("ratelimit", "dedup")
+    assert local.fuses("route", "batch") and local.fuses("batch", "postprocess")
+    assert not local.fuses("dedup", "dedup") and not local.fuses("dedup", "preprocess")
+    assert not local.fuses("nowhere", "cache")
+    edge = Settings(fusion="local", worker_stages=["preprocess", "ratelimit"])
+    assert edge.fuses("preprocess", "ratelimit") and not edge.fuses("ratelimit", "dedup")
+
+
+def test_fusion_true_reads_as_by_key_and_local_fusion_refuses_exactly_once() -> None:
+    assert Settings(fusion=True).fusion == "key"  # type: ignore[arg-type]
+    assert Settings(fusion="false").fusion == "off"  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="exactly-once"):
+        Settings(fusion="local", processing_guarantee="exactly_once")
