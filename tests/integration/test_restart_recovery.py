@@ -3,7 +3,9 @@ Tables come back from their changelogs, so no bucket refills and cached answers 
 
 Kept in RocksDB the new workers reuse the old data dirs; kept in memory they start from
 empty ones and only the changelog topics hold the state. The new workers get a fresh Redis
-database, so a cached answer can come from the cache Table (L1) alone.
+database, so a cached answer can come from the cache Table (L1) alone. With fusion `local`
+a worker writes the Tables of the partitions it owns from the events of others, which must
+reach the same partitions' changelogs and RocksDB files.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tests.integration.conftest import (
     pipeline_settings,
     requests_only,
 )
-from topology.settings import RateLimit, Settings
+from topology.settings import Fusion, RateLimit, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +39,20 @@ TENANT = "restarted"
 LIMIT = RateLimit(burst=5, per_second=0.001)
 SPENT_BEFORE = 3
 # Each run has two Redis databases of its own: the first run's, and an empty one after.
-REDIS_DBS = {"rocksdb://": (5, 6), "memory://": (7, 8)}
+REDIS_DBS = {
+    ("rocksdb://", "off"): (5, 6),
+    ("memory://", "off"): (7, 8),
+    ("rocksdb://", "local"): (11, 12),
+}
 
 
 def restart_settings(
-    kafka_bootstrap: str, redis_url: str, provider: SimulatedProvider, store: str, db: int
+    kafka_bootstrap: str,
+    redis_url: str,
+    provider: SimulatedProvider,
+    store: str,
+    fusion: Fusion,
+    db: int,
 ) -> Settings:
     """The integration settings in a namespace of their own, with TENANT's small bucket."""
     base = pipeline_settings(kafka_bootstrap, redis_url, provider, table_store=store)
@@ -50,9 +61,10 @@ def restart_settings(
         update={
             "ratelimit": base.ratelimit.model_copy(update={"tenants": tenants}),
             "redis_url": f"{redis_url.rsplit('/', 1)[0]}/{db}",
+            "fusion": fusion,
         }
     )
-    return settings.namespaced(f"restart-{store[:-3]}-{uuid.uuid4().hex[:6]}.")
+    return settings.namespaced(f"restart-{store[:-3]}-{fusion}-{uuid.uuid4().hex[:6]}.")
 
 
 @contextlib.contextmanager
@@ -81,16 +93,17 @@ def ask_tenant(running: RunningPipeline, count: int) -> list[ErrorCode | None]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("store", ["rocksdb://", "memory://"])
+@pytest.mark.parametrize(("store", "fusion"), list(REDIS_DBS))
 def test_tables_recover_when_every_worker_restarts(
     store: str,
+    fusion: Fusion,
     kafka_bootstrap: str,
     redis_url: str,
     provider: SimulatedProvider,
     tmp_path: Path,
 ) -> None:
-    first_db, fresh_db = REDIS_DBS[store]
-    settings = restart_settings(kafka_bootstrap, redis_url, provider, store, first_db)
+    first_db, fresh_db = REDIS_DBS[(store, fusion)]
+    settings = restart_settings(kafka_bootstrap, redis_url, provider, store, fusion, first_db)
     asyncio.run(create_topics(settings))
     prompt = f"what survives a restart? {uuid.uuid4()}"
 
