@@ -96,7 +96,8 @@ def attach(pipeline: Pipeline) -> None:
                 pipeline.mark(follower, "merge_wait")
                 stage = release(follower, envelope, pipeline.cancelled.reason(follower.request.id))
                 metrics.stage_events.labels(STAGE, f"follower_to_{stage}").inc()
-                await pipeline.send(stage, follower)
+                # Back in dedup before `end`, a follower would follow this entry again.
+                await pipeline.send(stage, follower, fuse=stage != "dedup")
         # Only now: a crash before this point redelivers the event and answers them again.
         inflight.end(envelope.fingerprint, envelope.request.id)
 

@@ -310,16 +310,18 @@ class Pipeline:
         metrics.stage_latency.labels(stage).observe(envelope.stage_latency_ms[stage] / 1e3)
         return hop_ms
 
-    async def send(self, stage: str, envelope: Envelope) -> None:
+    async def send(self, stage: str, envelope: Envelope, fuse: bool = True) -> None:
         """Hand `envelope` to `stage`, keyed as the stage graph says, or run `stage` on it
-        here and now when the stage at hand fuses with it (`Settings.fuses`) and this
-        worker owns the partition the envelope would reach: that stage's Tables then write
-        to that partition as after a hop, and the event read from Kafka is acked only once
-        every stage run for it is done (a crash replays them all)."""
+        here and now when the stage at hand fuses with it (`Settings.fuses`), this worker
+        owns the partition the envelope would reach and the caller lets it (`fuse`): that
+        stage's Tables then write to that partition as after a hop, and the event read from
+        Kafka is acked only once every stage run for it is done (a crash replays them
+        all)."""
         spec = self.settings.stage(stage)
         current = handling.get()
         if (
-            current is not None
+            fuse
+            and current is not None
             and stage in self._handlers
             and self.settings.fuses(current[0], stage)
         ):

@@ -7,17 +7,19 @@ cache."""
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from llmflow.admin import create_topics, wait_for_stable_group
-from llmflow.client import LLMFlowClient
+from llmflow.client import LLMFlowClient, new_request
 from llmflow.prompts import load_prompts
 from llmflow.stack import SimulatedProvider, Workers
-from schemas.messages import Status
+from schemas.messages import ErrorCode, Status
 from tests.integration.conftest import WORKER_START_S, RunningPipeline, pipeline_settings
-from tests.integration.test_pipeline import answer_demo_workload, read_topic, scrape
+from tests.integration.test_pipeline import answer_all, answer_demo_workload, read_topic, scrape
 from topology.settings import Fusion
 
 pytestmark = pytest.mark.integration
@@ -87,3 +89,27 @@ async def test_fused_stages_answer_each_request_once_without_their_hops(
         assert fused_sends["ratelimit"] == everyone, fused_sends
         assert fused_sends["respond"] == everyone, fused_sends
         assert fused_sends["postprocess"] >= 1 + len(answered), fused_sends
+
+
+async def test_followers_of_a_leader_out_of_its_own_time_lead_anew(
+    fused: RunningPipeline,
+) -> None:
+    """They go back to dedup, where in process they would follow the ending entry again
+    and be lost with it. Leaders with deadlines from 50 to 300 ms, so that in some rounds
+    the followers are parked before their leader times out."""
+    rounds = []
+    for i in range(6):
+        prompt = f"hurry {uuid.uuid4()}"
+        leader = new_request(prompt, "acme", deadline=time.time() + 0.05 * (i + 1))
+        rounds.append((leader, [new_request(prompt, "acme") for _ in range(3)]))
+    everyone = [r for leader, patient in rounds for r in (leader, *patient)]
+    async with LLMFlowClient(fused.settings) as client:
+        answers = await answer_all(client, everyone, timeout=30.0)
+    timed_out = 0
+    for leader, patient in rounds:
+        error = answers[leader.id].error
+        timed_out += error is not None and error.code is ErrorCode.TIMEOUT
+        for request in patient:
+            answer = answers[request.id]
+            assert answer.status in (Status.OK, Status.MERGED, Status.CACHED), answer
+    assert timed_out >= 3, [answers[leader.id] for leader, _ in rounds]

@@ -140,6 +140,17 @@ def test_without_fusion_off_its_partition_or_key_or_not_owned_a_request_takes_th
     assert seen == [] and len(topic.sent) == 2
 
 
+def test_a_sender_can_ask_for_the_hop() -> None:
+    pipeline, seen, topic = fused_pipeline("local")
+
+    async def unfused() -> None:
+        with pipeline.handling("ratelimit", consumed_event(pipeline, "ratelimit", 0)):
+            await pipeline.send("cache", envelope(3), fuse=False)
+
+    asyncio.run(unfused())
+    assert seen == [] and len(topic.sent) == 1
+
+
 def test_owned_partitions_follow_rebalances() -> None:
     pipeline = Pipeline(Settings())
     kept, moved = TP("llm.stage.cache", 0), TP("llm.stage.cache", 1)
