@@ -5,7 +5,7 @@ Kept in RocksDB the new workers reuse the old data dirs; kept in memory they sta
 empty ones and only the changelog topics hold the state. The new workers get a fresh Redis
 database, so a cached answer can come from the cache Table (L1) alone. With fusion `local`
 a worker writes the Tables of the partitions it owns from the events of others, which must
-reach the same partitions' changelogs and RocksDB files.
+reach the same partitions' changelogs, the only place the restarted workers find them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ SPENT_BEFORE = 3
 REDIS_DBS = {
     ("rocksdb://", "off"): (5, 6),
     ("memory://", "off"): (7, 8),
-    ("rocksdb://", "local"): (11, 12),
+    ("memory://", "local"): (11, 12),
 }
 
 
