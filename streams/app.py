@@ -253,10 +253,7 @@ class Pipeline:
         self.app.agent(self.stage_topics[stage], name=stage)(agent)
 
     async def _enter(self, stage: str, event: EventT[bytes], envelope: Envelope) -> None:
-        if isinstance(event, LocalEvent):
-            with handling_locally(event):
-                await self._handle(stage, event, envelope)
-        else:
+        with handling_locally(event) if isinstance(event, LocalEvent) else contextlib.nullcontext():
             await self._handle(stage, event, envelope)
 
     async def _handle(self, stage: str, event: EventT[bytes], envelope: Envelope) -> None:
