@@ -416,7 +416,7 @@ def attach(pipeline: Pipeline) -> None:
             free for the next batch while they are sent."""
             metrics.batch_size.labels(model).observe(len(items))
             for event, envelope in items:
-                with on_behalf_of(event):
+                with on_behalf_of(event), pipeline.handling(STAGE, event):
                     await pipeline.report(envelope, "infer")
             with metrics.batch_processing(model, len(items)):
                 await runner.run([e for _, e in items])

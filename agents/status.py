@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, MutableMapping
 from typing import Any, cast
 
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
 from schemas.messages import RequestStatus, StatusEvent
@@ -128,6 +128,11 @@ def attach(pipeline: Pipeline) -> None:
 
     pipeline.app.on_partitions_revoked.connect(cast(Any, revoked))
 
+    def record(event: EventT[bytes], report: StatusEvent) -> None:
+        book.record(report, event.message.partition, time.time())
+
+    pipeline.record_status_with(record)
+
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def status(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
@@ -136,4 +141,4 @@ def attach(pipeline: Pipeline) -> None:
             except ValidationError:
                 log.warning("a message on %s is not a status event", spec.topic.name)
                 continue
-            book.record(report, event.message.partition, time.time())
+            record(event, report)

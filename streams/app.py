@@ -35,6 +35,7 @@ MAX_REPLY_TOPICS = 1024
 EXACTLY_ONCE_COMMIT_INTERVAL_S = 0.1
 log = logging.getLogger(__name__)
 StageHandler = Callable[[EventT[bytes], Envelope], Awaitable[None]]
+StatusRecorder = Callable[[EventT[bytes], StatusEvent], None]
 Shared = TypeVar("Shared")
 # The stage a handler runs for and the event it handles, for fused sends (`Pipeline.send`).
 handling: ContextVar[tuple[str, EventT[bytes]] | None] = ContextVar("handling", default=None)
@@ -152,6 +153,7 @@ class Pipeline:
         self._reply_topics: dict[str, TopicT] = {}
         self._shared: dict[str, object] = {}
         self._handlers: dict[str, tuple[StageHandler, bool]] = {}
+        self._status_recorder: StatusRecorder | None = None
         self.bucketer = bucketer_for(settings)
         # Hops are timed only where preprocess holds its intake on them.
         pause_at_ms = settings.limits.intake_pause_backlog_ms
@@ -235,6 +237,11 @@ class Pipeline:
                 self.backlog.observe(hop_ms, envelope.stage_entered_at)
             yield event, envelope
 
+    def record_status_with(self, recorder: StatusRecorder) -> None:
+        """How the status stage records a report, so `report` can record it in process
+        when it fuses."""
+        self._status_recorder = recorder
+
     def stage_agent(self, stage: str, handle: StageHandler, screen: bool = True) -> None:
         """Run `handle` on every envelope of `stage`'s topic as a faust agent.
 
@@ -309,31 +316,37 @@ class Pipeline:
 
     async def send(self, stage: str, envelope: Envelope, fuse: bool = True) -> None:
         """Hand `envelope` to `stage`, keyed as the stage graph says, or run `stage` on it
-        here and now when the stage at hand fuses with it (`Settings.fuses`), this worker
-        owns the partition the envelope would reach and the caller lets it (`fuse`): that
-        stage's Tables then write to that partition as after a hop, and the event read from
-        Kafka is acked only once every stage run for it is done (a crash replays them
-        all)."""
+        here and now when the caller lets it (`fuse`) and `fused_event` finds the stage at
+        hand fuses with it: that stage's Tables then write to the partition a hop would
+        reach, and the event read from Kafka is acked only once every stage run for it is
+        done (a crash replays them all)."""
         spec = self.settings.stage(stage)
-        current = handling.get()
-        if (
-            fuse
-            and current is not None
-            and stage in self._handlers
-            and self.settings.fuses(current[0], stage)
-        ):
-            partition = partition_of(spec, self.bucketer, envelope)
-            if TP(spec.topic.name, partition) in self.owned:
-                metrics.fused_sends.labels(current[0], stage).inc()
-                # A copy, as a hop would deliver: the sender may still change its own.
-                fused = envelope.model_copy(deep=True)
+        if fuse and stage in self._handlers:
+            local = self.fused_event(stage, lambda: partition_of(spec, self.bucketer, envelope))
+            if local is not None:
+                # What a hop would deliver: the sender may still change its own copy.
+                fused = Envelope.model_validate_json(dump(envelope))
                 self.mark(fused, stage)
-                await self._enter(stage, LocalEvent(current[1], spec.topic.name, partition), fused)
+                await self._enter(stage, local, fused)
                 return
         key, partition_or_none = destination(spec, self.bucketer, envelope)
         await self.stage_topics[stage].send(
             key=key, value=dump(envelope), partition=partition_or_none
         )
+
+    def fused_event(self, stage: str, partition: Callable[[], int]) -> LocalEvent | None:
+        """The event to run `stage` on in process, for a send to the `partition()` of its
+        topic: when the stage at hand fuses with it (`Settings.fuses`) and this worker owns
+        that partition; None when the send must take the topic."""
+        current = handling.get()
+        if current is None or not self.settings.fuses(current[0], stage):
+            return None
+        topic = self.settings.stage(stage).topic.name
+        number = partition()
+        if TP(topic, number) not in self.owned:
+            return None
+        metrics.fused_sends.labels(current[0], stage).inc()
+        return LocalEvent(current[1], topic, number)
 
     async def fail(
         self,
@@ -383,7 +396,15 @@ class Pipeline:
             error=result.error.code if result and result.error else None,
             stage_latency_ms=envelope.stage_latency_ms if status else {},
         )
-        await self.stage_topics["status"].send(key=event.request_id.encode(), value=dump(event))
+        key = event.request_id.encode()
+        if self._status_recorder is not None:
+            partitions = self.settings.stage("status").topic.partitions
+            local = self.fused_event("status", lambda: kafka_partition(key, partitions))
+            if local is not None:
+                with handling_locally(local):
+                    self._status_recorder(local, event)
+                return
+        await self.stage_topics["status"].send(key=key, value=dump(event))
 
     async def finish_if_expired(self, envelope: Envelope, stage: str) -> bool:
         """Answer `timeout` when the request's deadline has passed; True if it was answered."""

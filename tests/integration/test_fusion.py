@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from llmflow.admin import create_topics, wait_for_stable_group
-from llmflow.client import LLMFlowClient, new_request
+from llmflow.client import LLMFlowClient, new_request, request_status
 from llmflow.prompts import load_prompts
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import ErrorCode, Status
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 REDIS_DB = 13
 # The stages one worker that owns every partition reaches only in process.
-LOCAL_SKIPPED = ["ratelimit", "dedup", "cache", "route", "postprocess", "respond"]
+LOCAL_SKIPPED = ["ratelimit", "dedup", "cache", "route", "postprocess", "respond", "status"]
 
 
 @pytest.fixture(scope="module", params=["key", "local"])
@@ -89,6 +89,14 @@ async def test_fused_stages_answer_each_request_once_without_their_hops(
         assert fused_sends["ratelimit"] == everyone, fused_sends
         assert fused_sends["respond"] == everyone, fused_sends
         assert fused_sends["postprocess"] >= 1 + len(answered), fused_sends
+        # Accepted, its model call started, answered: each report recorded in process.
+        assert fused_sends["status"] >= 2 * everyone + len(answered), fused_sends
+    # Status records are read from the changelog partition of their request id, so a
+    # report recorded in process wrote the right one.
+    for response in answered[:5]:
+        record = await request_status(settings, response.id)
+        assert record is not None and record.status is Status.OK, record
+        assert {"preprocess", "infer", "respond"} <= set(record.reached), record
 
 
 async def test_followers_of_a_leader_out_of_its_own_time_lead_anew(

@@ -11,9 +11,17 @@ from faust import current_event
 from faust.events import Event
 from faust.types import TP, EventT, Message, TopicT
 
-from schemas.messages import ChatMessage, DeadLetter, Envelope, LLMRequest, Role
+from schemas.messages import (
+    ChatMessage,
+    DeadLetter,
+    Envelope,
+    LLMRequest,
+    Role,
+    Status,
+    StatusEvent,
+)
 from streams.app import LocalEvent, Pipeline, key_of, partition_of
-from streams.locality import SemanticBucketer
+from streams.locality import SemanticBucketer, kafka_partition
 from topology.settings import Fusion, Settings, StatusSettings
 
 
@@ -186,3 +194,33 @@ def test_status_reports_go_out_unless_status_is_off() -> None:
         pipeline.stage_topics["status"] = cast(TopicT, topic)
         asyncio.run(pipeline.report(envelope(3), "preprocess"))
         assert len(topic.sent) == reports
+
+
+def test_a_fused_status_report_is_recorded_in_process_on_its_own_partition() -> None:
+    pipeline, _seen, _topic = fused_pipeline("local")
+    topic = Topic()
+    pipeline.stage_topics["status"] = cast(TopicT, topic)
+    recorded: list[tuple[EventT[bytes], StatusEvent, EventT[bytes] | None]] = []
+    pipeline.record_status_with(
+        lambda event, report: recorded.append((event, report, current_event()))
+    )
+    sent = envelope(3)
+
+    async def report_from_respond() -> None:
+        with pipeline.handling("respond", consumed_event(pipeline, "respond", 1)):
+            await pipeline.report(sent, "respond", Status.OK)
+
+    asyncio.run(report_from_respond())
+    assert topic.sent == []
+    [(event, report, current)] = recorded
+    partitions = pipeline.settings.stage("status").topic.partitions
+    assert (event.message.topic, event.message.partition) == (
+        "llm.status",
+        kafka_partition(b"r1", partitions),
+    )
+    assert current is event and isinstance(event, LocalEvent)
+    assert (report.request_id, report.status) == ("r1", Status.OK)
+    pipeline.owned = frozenset()
+    asyncio.run(report_from_respond())
+    asyncio.run(pipeline.report(sent, "preprocess"))
+    assert len(recorded) == 1 and len(topic.sent) == 2
