@@ -65,12 +65,16 @@ class SimulatedProvider:
 
 
 class Workers(Managed):
-    """`count` faust workers of one pipeline, each with its own data dir and metrics port."""
+    """`count` faust workers of one pipeline, each with its own data dir and metrics port,
+    logging at `loglevel` to `worker-N.log` in `run_dir`."""
 
-    def __init__(self, settings: Settings, run_dir: Path, count: int = 1) -> None:
+    def __init__(
+        self, settings: Settings, run_dir: Path, count: int = 1, loglevel: str = "WARNING"
+    ) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.count = count
+        self.loglevel = loglevel
         self.processes: list[subprocess.Popen[bytes]] = []
         self.metrics_ports: list[int] = []
         self.started = 0
@@ -85,7 +89,7 @@ class Workers(Managed):
         env = {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
         with (self.run_dir / f"worker-{index}.log").open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "llmflow.cli", "worker"],
+                [sys.executable, "-m", "llmflow.cli", "worker", "--loglevel", self.loglevel],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

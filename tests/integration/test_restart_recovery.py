@@ -71,9 +71,14 @@ def restart_settings(
 def running_pipeline(
     settings: Settings, run_dir: Path, provider: SimulatedProvider
 ) -> Iterator[RunningPipeline]:
-    with Workers(settings, run_dir, WORKERS) as workers:
-        asyncio.run(wait_for_stable_group(settings, WORKERS, WORKER_START_S))
-        yield RunningPipeline("kafka", settings, workers, provider)
+    """Workers logging at INFO: a failure prints their rebalances and recoveries."""
+    with Workers(settings, run_dir, WORKERS, loglevel="INFO") as workers:
+        try:
+            asyncio.run(wait_for_stable_group(settings, WORKERS, WORKER_START_S))
+            yield RunningPipeline("kafka", settings, workers, provider)
+        finally:
+            for log in sorted(run_dir.glob("worker-*.log")):
+                print(f"--- {run_dir.name}/{log.name} tail\n{log.read_text()[-6000:]}")
 
 
 def ask_tenant(running: RunningPipeline, count: int) -> list[ErrorCode | None]:
