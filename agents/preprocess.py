@@ -171,12 +171,16 @@ class Preprocessor:
         responses = settings.topics.responses.name
         self.internal_topics = {t.name for t in settings.all_topics()} - {responses}
 
-    def parse(self, raw: bytes) -> Envelope:
-        """Validate and enrich one raw message, or raise InvalidRequest."""
+    def parse(self, raw: bytes, queued_s: float = 0.0) -> Envelope:
+        """Validate and enrich one raw message, or raise InvalidRequest. `queued_s`, how
+        long it waited in llm.requests, is charged to preprocess (`Envelope.mark`): with
+        fusion that wait is where a worker's queue is, and the adaptive limit watches it."""
         try:
-            return self._parse(raw)
+            envelope = self._parse(raw)
         except RecursionError as exc:
             raise self._invalid(raw, "schema", "message is nested too deeply") from exc
+        envelope.stage_entered_at -= max(queued_s, 0.0)
+        return envelope
 
     def _parse(self, raw: bytes) -> Envelope:
         limits = self.settings.limits
@@ -359,7 +363,7 @@ def attach(pipeline: Pipeline) -> None:
                         await answer(overloaded)
                         continue
                     try:
-                        envelope = preprocessor.parse(raw)
+                        envelope = preprocessor.parse(raw, queued_s)
                         envelope.origin_partition = event.message.partition
                         envelope.origin_offset = event.message.offset
                         accepted.append((event, envelope))

@@ -278,8 +278,9 @@ class AdaptiveLimit(Section):
 
     enabled: bool = True
     stages: list[str] = Field(
-        default_factory=lambda: ["ratelimit", "dedup", "cache", "route", "batch"],
-        description="stages whose latency is queueing: their mean latencies are summed",
+        default_factory=lambda: ["preprocess", "ratelimit", "dedup", "cache", "route", "batch"],
+        description="stages whose latency is queueing (preprocess's: the wait in "
+        "llm.requests): their mean latencies are summed",
     )
     target_s: float = Field(default=1.0, gt=0)
     interval_s: float = Field(default=1.0, gt=0)
@@ -719,11 +720,11 @@ class Settings(Section):
         description="the stages this worker runs (a JSON list or comma separated); empty: all",
     )
     fusion: Fusion = Field(
-        default="off",
+        default="local",
         description="a stage hands a request to the next one in process, without a Kafka hop, "
         "where this worker runs both and owns the partition the request would reach: "
-        "'key' only between stages of one key and partition count, 'local' between any "
-        "(Settings.fuses); true reads as 'key'",
+        "'key' only between stages of one key and partition count, 'local' between any, "
+        "but by key under exactly-once (Settings.fuses); true reads as 'key'",
     )
     data_dir: str = ".cache/worker"
     table_store: Literal["memory://", "rocksdb://"] = Field(
@@ -785,11 +786,6 @@ class Settings(Section):
         if unknown_groups:
             raise ValueError(f"scaler.groups names unknown deploy groups {unknown_groups}")
         self._check_worker_stages()
-        if self.fusion == "local" and self.processing_guarantee == "exactly_once":
-            raise ValueError(
-                "fusion 'local' writes one partition's Tables from another's transaction, "
-                "which a rebalance can split: exactly-once takes fusion 'key' or 'off'"
-            )
         if self.semantic.enabled and not self.embedding.enabled:
             raise ValueError("semantic.enabled needs embedding.enabled: it matches embeddings")
         known = {m.name for m in self.models}
@@ -833,14 +829,17 @@ class Settings(Section):
         """Whether `sender` may call `receiver` in process when this worker owns the
         partition the request would reach (`Pipeline.send`). With 'key' a request keeps
         its key and partition number across the two topics; with 'local' any stage may
-        hand to any other this worker runs. A stage never fuses into itself."""
+        hand to any other this worker runs, except under exactly-once, where it fuses as
+        'key' does: a Table write for another partition number would commit in the
+        consumed partition's transaction, which a rebalance that moves only one of the two
+        could split. A stage never fuses into itself."""
         if self.fusion == "off" or sender == receiver or not self.runs(receiver):
             return False
         specs = {s.name: s for s in self.stages}
         before, after = specs.get(sender), specs.get(receiver)
         if after is None or (before is None and sender != ENTRY_STAGE):
             return False
-        if self.fusion == "local":
+        if self.fusion == "local" and self.processing_guarantee != "exactly_once":
             return True
         if before is None:
             return False

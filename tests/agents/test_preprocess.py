@@ -78,6 +78,12 @@ def test_valid_request_becomes_an_enriched_envelope(pre: Preprocessor) -> None:
     assert envelope.result is None and envelope.status is None
 
 
+def test_the_wait_in_the_requests_topic_is_charged_to_preprocess(pre: Preprocessor) -> None:
+    waited = pre.parse(raw(request()), queued_s=2.0).mark("preprocess")
+    assert 2000.0 <= waited < 2500.0
+    assert pre.parse(raw(request()), queued_s=-1.0).mark("preprocess") < 500.0  # clock skew
+
+
 def test_prompt_tokens_sum_over_all_messages(pre: Preprocessor) -> None:
     envelope = pre.parse(raw(request()))
     # "You are terse." -> 4; "What is the capital of France?" -> 7

@@ -75,7 +75,7 @@ async def test_preprocess_embeds_the_last_user_turn_when_enabled(
     request = new_request(prompt, "acme")
     response = await client.call(request, timeout=60)
     assert response.status is Status.OK
-    topic = settings.stage("ratelimit").topic.name
+    topic = settings.stage("batch").topic.name  # a model call: reached with or without fusion
     envelopes = [
         Envelope.model_validate_json(value)
         for value in await read_topic(settings.bootstrap_servers, topic, 100_000, timeout=5)

@@ -237,7 +237,7 @@ def test_worker_stages_splitting_the_table_sharing_stages_is_refused() -> None:
 
 
 def test_fusion_joins_stages_of_one_key_and_partition_count_that_this_worker_runs() -> None:
-    assert not Settings().fuses("dedup", "cache")
+    assert not Settings(fusion="off").fuses("dedup", "cache")
     fused = Settings(fusion="key")
     assert fused.fuses("dedup", "cache") and fused.fuses("cache", "route")
     assert fused.fuses("route", "postprocess")
@@ -253,7 +253,7 @@ def test_fusion_joins_stages_of_one_key_and_partition_count_that_this_worker_run
 
 
 def test_local_fusion_joins_any_two_stages_this_worker_runs() -> None:
-    local = Settings(fusion="local")
+    local = Settings()
     assert local.fuses("preprocess", "ratelimit") and local.fuses("ratelimit", "dedup")
     assert local.fuses("route", "batch") and local.fuses("batch", "postprocess")
     assert not local.fuses("dedup", "dedup") and not local.fuses("dedup", "preprocess")
@@ -262,8 +262,10 @@ def test_local_fusion_joins_any_two_stages_this_worker_runs() -> None:
     assert edge.fuses("preprocess", "ratelimit") and not edge.fuses("ratelimit", "dedup")
 
 
-def test_fusion_true_reads_as_by_key_and_local_fusion_refuses_exactly_once() -> None:
+def test_fusion_true_reads_as_by_key_and_local_fusion_goes_by_key_under_exactly_once() -> None:
     assert Settings(fusion=True).fusion == "key"  # type: ignore[arg-type]
     assert Settings(fusion="false").fusion == "off"  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="exactly-once"):
-        Settings(fusion="local", processing_guarantee="exactly_once")
+    exactly_once = Settings(processing_guarantee="exactly_once")
+    assert exactly_once.fusion == "local" and exactly_once.fuses("dedup", "cache")
+    assert not exactly_once.fuses("ratelimit", "dedup")
+    assert not exactly_once.fuses("preprocess", "ratelimit")
