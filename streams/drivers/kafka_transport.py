@@ -71,7 +71,13 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return cast(Mapping[TP, int], await self.call_thread(self._seek_to_committed))
 
     async def _seek_to_committed(self) -> dict[TP, int]:
-        """Under exactly-once, never back past what this worker delivered since the
+        """A stream partition with no commit, or a commit of 0, goes back to its start, as
+        one with a later commit goes back to it: aiokafka seeks only to commits above 0, so
+        what faust passed over around a rebalance before a partition's first commit was
+        never read again (offset 0 is before the log's start once retention has trimmed
+        it, and aiokafka then resets to the earliest).
+
+        Under exactly-once, never back past what this worker delivered since the
         partition's assignment (see ShortWaitConsumer), nor past its own last commit: a
         transactional commit is read back only once the coordinator has written its
         markers, which it does after the commit returns (Java asks for stable offsets,
@@ -82,6 +88,8 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = self._ensure_consumer()
         committed: dict[TP, int] = await consumer.seek_to_committed()
         owner = cast(ShortWaitConsumer, self.consumer)
+        for tp in never_committed(committed, owner._is_changelog_tp):
+            consumer.seek(tp, 0)
         if not owner.in_transaction:
             return committed
         own_commits = cast(EventTransactions, owner.transactions).committed
@@ -94,6 +102,18 @@ class ShortWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                 consumer.seek(tp, floor)
                 committed[tp] = floor
         return committed
+
+
+def never_committed(
+    committed: Mapping[TopicPartition, int | None], is_changelog: Callable[[TP], bool]
+) -> list[TopicPartition]:
+    """The stream partitions whose commit is missing or 0, where aiokafka's seek to the
+    committed offsets leaves the position as it stands."""
+    return [
+        tp
+        for tp, offset in committed.items()
+        if not offset and not is_changelog(TP(tp.topic, tp.partition))
+    ]
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ from typing import Any, cast
 
 import faust
 import pytest
+from aiokafka import TopicPartition
 from faust.assignor import PartitionAssignor
 from faust.transport.conductor import Conductor
 from faust.types import TP, EventT, Message
 from faust.types.transports import ProducerT
 
 from streams.drivers import kafka_transport
-from streams.drivers.kafka_transport import CommitPlan, plan_commit
+from streams.drivers.kafka_transport import CommitPlan, never_committed, plan_commit
 
 
 def test_in_order_acks_commit_past_the_last() -> None:
@@ -223,3 +224,17 @@ async def test_a_send_for_an_event_read_before_the_last_rebalance_is_refused() -
         await manager.send("out", b"k", b"current", 3, None, None)
     await manager.commit({TP("in", 1): 11})
     assert producer.sent == [(b"current", "eos-0-1")]
+
+
+def test_stream_partitions_without_a_commit_above_zero_go_back_to_their_start() -> None:
+    committed: dict[TopicPartition, int | None] = {
+        TopicPartition("llm.stage.ratelimit", 0): None,
+        TopicPartition("llm.stage.ratelimit", 1): 0,
+        TopicPartition("llm.stage.ratelimit", 2): 5,
+        TopicPartition("app-ratelimit-buckets-changelog", 0): None,
+    }
+    rewound = never_committed(committed, lambda tp: tp.topic.endswith("-changelog"))
+    assert rewound == [
+        TopicPartition("llm.stage.ratelimit", 0),
+        TopicPartition("llm.stage.ratelimit", 1),
+    ]
