@@ -322,7 +322,7 @@ class Pipeline:
         done (a crash replays them all)."""
         spec = self.settings.stage(stage)
         if fuse and stage in self._handlers:
-            local = self.fused_event(stage, lambda: partition_of(spec, self.bucketer, envelope))
+            local = self.fused_event(spec, lambda: partition_of(spec, self.bucketer, envelope))
             if local is not None:
                 # What a hop would deliver: the sender may still change its own copy.
                 fused = Envelope.model_validate_json(dump(envelope))
@@ -334,19 +334,18 @@ class Pipeline:
             key=key, value=dump(envelope), partition=partition_or_none
         )
 
-    def fused_event(self, stage: str, partition: Callable[[], int]) -> LocalEvent | None:
-        """The event to run `stage` on in process, for a send to the `partition()` of its
-        topic: when the stage at hand fuses with it (`Settings.fuses`) and this worker owns
-        that partition; None when the send must take the topic."""
+    def fused_event(self, spec: StageSpec, partition: Callable[[], int]) -> LocalEvent | None:
+        """The event to run `spec`'s stage on in process, for a send to the `partition()`
+        of its topic: when the stage at hand fuses with it (`Settings.fuses`) and this
+        worker owns that partition; None when the send must take the topic."""
         current = handling.get()
-        if current is None or not self.settings.fuses(current[0], stage):
+        if current is None or not self.settings.fuses(current[0], spec.name):
             return None
-        topic = self.settings.stage(stage).topic.name
         number = partition()
-        if TP(topic, number) not in self.owned:
+        if TP(spec.topic.name, number) not in self.owned:
             return None
-        metrics.fused_sends.labels(current[0], stage).inc()
-        return LocalEvent(current[1], topic, number)
+        metrics.fused_sends.labels(current[0], spec.name).inc()
+        return LocalEvent(current[1], spec.topic.name, number)
 
     async def fail(
         self,
@@ -398,8 +397,8 @@ class Pipeline:
         )
         key = event.request_id.encode()
         if self._status_recorder is not None:
-            partitions = self.settings.stage("status").topic.partitions
-            local = self.fused_event("status", lambda: kafka_partition(key, partitions))
+            spec = self.settings.stage("status")
+            local = self.fused_event(spec, lambda: kafka_partition(key, spec.topic.partitions))
             if local is not None:
                 with handling_locally(local):
                     self._status_recorder(local, event)
