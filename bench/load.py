@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from llmflow.brokers import BROKERS
 from llmflow.prompts import load_prompts
+from schemas.messages import LLMResponse, Status
 
 Kind = Literal["unique", "duplicate", "near_duplicate"]
 NEAR_DUPLICATE_PHRASES = (
@@ -124,6 +125,15 @@ class Outcome:
     status: str
     provider_ms: float | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+def outcome_of(response: LLMResponse) -> Outcome:
+    """A merged follower's provider time is its leader's, which its answer does not carry."""
+    status = response.status.value
+    if response.status is Status.ERROR and response.error is not None:
+        status = f"error_{response.error.code.value}"
+    provider_ms = None if response.status is Status.MERGED else response.upstream_ms
+    return Outcome(status, provider_ms, dict(response.stage_latency_ms))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from bench.load import (
     build_workload,
     max_sustained_rate,
     open_loop,
+    outcome_of,
     percentile,
     summary_ms,
 )
@@ -45,19 +46,12 @@ from llmflow.brokers import start_broker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.reports import print_rows, write_report
 from llmflow.stack import Workers
-from schemas.messages import GenerationParams, LLMResponse, Status
+from schemas.messages import GenerationParams, Status
 from topology.settings import Quota, RateLimit, Rates, Settings, load_settings
 
 ADMITTED = {Status.OK.value, Status.CACHED.value, Status.MERGED.value}
 SHED = ("error_rate_limited", "error_overloaded", "error_timeout")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def outcome(response: LLMResponse) -> Outcome:
-    """`ok`, `cached`, `merged` or `error_<code>`, as `bench.load` counts statuses."""
-    if response.error is not None:
-        return Outcome(f"error_{response.error.code.value}")
-    return Outcome(response.status.value)
 
 
 def sender(client: LLMFlowClient, deadline_s: float, answer_wait_s: float) -> Send:
@@ -71,7 +65,7 @@ def sender(client: LLMFlowClient, deadline_s: float, answer_wait_s: float) -> Se
             params=GenerationParams(max_tokens=item.max_tokens),
             deadline=time.time() + deadline_s,
         )
-        return outcome(await client.call(request, timeout=answer_wait_s))
+        return outcome_of(await client.call(request, timeout=answer_wait_s))
 
     return send
 
@@ -182,9 +176,12 @@ async def sampling(
 def shedding(run: LoadRun, unloaded_p99_ms: float) -> dict[str, Any]:
     """Who was turned away and how, and how the admitted fared against the unloaded run."""
     statuses = run.statuses()
-    admitted = [
-        v for s in run.samples if s.outcome.status in ADMITTED and (v := s.latency_ms) is not None
-    ]
+    admitted_run = LoadRun(
+        run.target_rps,
+        [s for s in run.samples if s.outcome.status in ADMITTED and s.latency_ms is not None],
+    )
+    admitted = admitted_run.latencies_ms()
+    stages = admitted_run.stage_ms()
     p99 = percentile(admitted, 0.99)
     return {
         "requests": len(run.samples),
@@ -195,6 +192,7 @@ def shedding(run: LoadRun, unloaded_p99_ms: float) -> dict[str, Any]:
         "shed": {code: statuses.get(code, 0) for code in SHED},
         "unanswered": sum(1 for s in run.samples if not s.answered),
         "admitted_latency_ms": summary_ms(admitted),
+        "admitted_stage_ms": {s: summary_ms(v) for s, v in sorted(stages.items())},
         "admitted_p99_over_unloaded_p99": round(p99 / unloaded_p99_ms, 2)
         if unloaded_p99_ms
         else None,
@@ -230,6 +228,7 @@ async def measure(
             "rps": args.unloaded_rps,
             "statuses": unloaded.statuses(),
             "latency_ms": summary_ms(unloaded.latencies_ms()),
+            "stage_ms": {s: summary_ms(v) for s, v in sorted(unloaded.stage_ms().items())},
         },
         "overload": shedding(overload, unloaded_p99),
         "worker_rss_mb": MemoryTrend.of(memory).__dict__,
@@ -335,6 +334,14 @@ def print_report(report: dict[str, Any]) -> None:
         ("unloaded p50 / p99 ms", _p50_p99(report["unloaded"]["latency_ms"])),
         ("admitted p50 / p99 ms", _p50_p99(overload["admitted_latency_ms"])),
         ("admitted p99 / unloaded p99", overload["admitted_p99_over_unloaded_p99"]),
+        *(
+            (
+                f"stage {stage} p50 / p99 ms, unloaded | admitted",
+                f"{_p50_p99(calm)} | {_p50_p99(loaded)}",
+            )
+            for stage, loaded in overload["admitted_stage_ms"].items()
+            if (calm := report["unloaded"]["stage_ms"].get(stage)) is not None
+        ),
         (
             "worker RSS start / max / end MB",
             f"{rss['start_mb']} / {rss['max_mb']} / {rss['end_mb']}",

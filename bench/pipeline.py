@@ -36,12 +36,13 @@ from bench.load import (
     build_workload,
     max_sustained_rate,
     open_loop,
+    outcome_of,
     summary_ms,
 )
 from llmflow.brokers import start_broker
 from llmflow.client import LLMFlowClient
 from llmflow.reports import write_report
-from schemas.messages import ChatMessage, GenerationParams, LLMRequest, LLMResponse, Status
+from schemas.messages import ChatMessage, GenerationParams, LLMRequest
 from topology.settings import (
     AdaptiveLimit,
     Fusion,
@@ -152,15 +153,6 @@ class ResourceMeter:
                 for pid in self.pids
             ],
         }
-
-
-def outcome_of(response: LLMResponse) -> Outcome:
-    """A merged follower's provider time is its leader's, which its answer does not carry."""
-    status = response.status.value
-    if response.status is Status.ERROR and response.error is not None:
-        status = f"error_{response.error.code.value}"
-    provider_ms = None if response.status is Status.MERGED else response.upstream_ms
-    return Outcome(status, provider_ms, dict(response.stage_latency_ms))
 
 
 def to_request(item: WorkItem) -> LLMRequest:

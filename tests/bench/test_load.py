@@ -14,9 +14,11 @@ from bench.load import (
     build_workload,
     max_sustained_rate,
     open_loop,
+    outcome_of,
     percentile,
     summary_ms,
 )
+from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status
 
 PROMPTS = [f"question number {i}: why is the sky blue?" for i in range(50)]
 
@@ -166,4 +168,15 @@ def test_max_sustained_rate_stops_at_the_ceiling_and_reports_zero_when_nothing_h
     assert (
         asyncio.run(max_sustained_rate(never, SustainCriteria(), 100, 250, 2)).max_sustained_rps
         == 0
+    )
+
+
+def test_outcome_takes_provider_time_except_from_a_merged_follower() -> None:
+    ok = LLMResponse(id="a", status=Status.OK, upstream_ms=50.0, stage_latency_ms={"route": 2.0})
+    assert outcome_of(ok) == Outcome("ok", 50.0, {"route": 2.0})
+    assert outcome_of(LLMResponse(id="a", status=Status.CACHED)).provider_ms == 0.0
+    assert outcome_of(LLMResponse(id="a", status=Status.MERGED)).provider_ms is None
+    error = ErrorInfo(code=ErrorCode.TIMEOUT, reason="deadline_exceeded", message="late")
+    assert outcome_of(LLMResponse(id="a", status=Status.ERROR, error=error)).status == (
+        "error_timeout"
     )

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from bench.load import LoadRun, Outcome, Sample, WorkItem
-from bench.overload import MemoryTrend, limited, outcome, shedding, unlimited
-from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status
+from bench.overload import MemoryTrend, limited, shedding, unlimited
 from topology.settings import Settings
 
 
@@ -12,16 +11,6 @@ def sample(index: int, status: str, latency_s: float | None) -> Sample:
     item = WorkItem(f"r{index}", "t", [{"role": "user", "content": "q"}], 8, "unique")
     answered = None if latency_s is None else 100.0 + index + latency_s
     return Sample(item, 100.0 + index, answered, Outcome(status))
-
-
-def test_outcomes_name_the_error_code_or_the_status() -> None:
-    refused = LLMResponse(
-        id="a",
-        status=Status.ERROR,
-        error=ErrorInfo(code=ErrorCode.OVERLOADED, reason="batch_queue_full", message="full"),
-    )
-    assert outcome(refused).status == "error_overloaded"
-    assert outcome(LLMResponse(id="b", status=Status.CACHED, output="x")).status == "cached"
 
 
 def test_limits_follow_the_sustainable_rate() -> None:
@@ -64,3 +53,16 @@ def test_shedding_counts_who_refused_and_compares_admitted_latency() -> None:
     assert report["admitted_latency_ms"]["p99"] == 200.0
     assert report["admitted_p99_over_unloaded_p99"] == 1.0
     assert shedding(LoadRun(50.0, samples), 0.0)["admitted_p99_over_unloaded_p99"] is None
+
+
+def test_shedding_gives_the_admitted_requests_stage_times_only() -> None:
+    item = sample(0, "ok", 0.1).item
+    samples = [
+        Sample(item, 0.0, 0.1, Outcome("ok", 50.0, {"batch": 4.0, "infer": 60.0})),
+        Sample(item, 0.0, 0.1, Outcome("merged", None, {"batch": 8.0})),
+        Sample(item, 0.0, 0.01, Outcome("error_overloaded", None, {"preprocess": 51.0})),
+    ]
+    stages = shedding(LoadRun(50.0, samples), 100.0)["admitted_stage_ms"]
+    assert set(stages) == {"batch", "infer"}
+    assert stages["batch"]["count"] == 2 and stages["batch"]["max"] == 8.0
+    assert stages["infer"]["p50"] == 60.0

@@ -11,13 +11,11 @@ from bench.pipeline import (
     bench_settings,
     comparison,
     cpu_per_request,
-    outcome_of,
     process_usage,
     run_summary,
     stack_processes,
     to_request,
 )
-from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status
 from topology.settings import Settings
 
 ITEM = WorkItem("i-1", "acme", [{"role": "user", "content": "why?"}], 16, "unique")
@@ -58,17 +56,6 @@ def test_cpu_per_request_divides_each_part_s_cpu_by_the_answers() -> None:
     cost = cpu_per_request(resources, run)
     assert cost["cpu_ms_per_request"] == {"workers": 5.0, "broker": 2.5, "all": 7.5}
     assert cost["cpu_bound_rps"] == pytest.approx((os.cpu_count() or 1) * 1e3 / 7.5, abs=0.1)
-
-
-def test_outcome_takes_provider_time_except_from_a_merged_follower() -> None:
-    ok = LLMResponse(id="a", status=Status.OK, upstream_ms=50.0, stage_latency_ms={"route": 2.0})
-    assert outcome_of(ok) == Outcome("ok", 50.0, {"route": 2.0})
-    assert outcome_of(LLMResponse(id="a", status=Status.CACHED)).provider_ms == 0.0
-    assert outcome_of(LLMResponse(id="a", status=Status.MERGED)).provider_ms is None
-    error = ErrorInfo(code=ErrorCode.TIMEOUT, reason="deadline_exceeded", message="late")
-    assert outcome_of(LLMResponse(id="a", status=Status.ERROR, error=error)).status == (
-        "error_timeout"
-    )
 
 
 def test_work_items_become_requests_with_their_token_limit() -> None:
