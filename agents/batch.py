@@ -15,7 +15,9 @@ and past the bound a request is answered `overloaded`.
 
 Closed batches go to infer in this process (same key, no hop). Events are acked only once
 their answers are sent on, so a worker crash redelivers them; faust commits offsets only
-up to the oldest unacked event.
+up to the oldest unacked event. Under fusion `local` the route stage of a worker that owns
+the model's partition hands its requests over in process, holding the event read from
+Kafka unacked until the answer is sent on.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from agents.cache import cached_answer
 from agents.infer import InferenceRunner
 from schemas.messages import Envelope, ErrorCode, Priority, Result, Status, StreamChunk, dump
 from streams import metrics
-from streams.app import Pipeline
+from streams.app import LocalEvent, Pipeline, consumed
 from streams.drivers.backends import open_backends
 from streams.drivers.kafka_transport import on_behalf_of
 from topology.settings import BatchSettings
@@ -379,23 +381,34 @@ def attach(pipeline: Pipeline) -> None:
             return ModelLimits(slots=1, max_size=1)
         return ModelLimits(spec.max_batches_in_flight, spec.batch_limit(settings.batch.max_size))
 
+    # Under exactly-once an answer goes out in the commit that passes its event's offset,
+    # which a held event (`Pipeline.hold`) would never let pass.
+    fuses = settings.processing_guarantee != "exactly_once"
+
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def batch(stream: StreamT[bytes]) -> None:
         """Each event is acked once its request is answered or handed on; one whose answer
-        could not even be sent stays unacked, so a restart delivers it again. Batches run
-        in their own tasks, so what they send is sent on behalf of its event (exactly-once
-        puts it in that event's transaction)."""
+        could not even be sent stays unacked, so a restart delivers it again. A request a
+        fusing stage hands over in process holds the event read from Kafka unacked the
+        same way (`Pipeline.hold`). Batches run in their own tasks, so what they send is
+        sent on behalf of its event (exactly-once puts it in that event's transaction)."""
         manual = cast(Stream[bytes], stream).noack()
         Pending = tuple[EventT[bytes], Envelope]
 
+        async def acknowledge(event: EventT[bytes]) -> None:
+            if isinstance(event, LocalEvent):
+                pipeline.release(event)
+            else:
+                await manual.ack(event)
+
         async def settle(event: EventT[bytes], handing_on: Awaitable[None]) -> None:
             try:
-                with on_behalf_of(event):
+                with on_behalf_of(consumed(event)):
                     await handing_on
             except Exception:
                 log.exception("could not answer or hand on offset %s", event.message.offset)
                 return
-            await manual.ack(event)
+            await acknowledge(event)
 
         async def hand_on(event: EventT[bytes], envelope: Envelope) -> None:
             try:
@@ -416,7 +429,7 @@ def attach(pipeline: Pipeline) -> None:
             free for the next batch while they are sent."""
             metrics.batch_size.labels(model).observe(len(items))
             for event, envelope in items:
-                with on_behalf_of(event), pipeline.handling(STAGE, event):
+                with on_behalf_of(consumed(event)), pipeline.handling(STAGE, event):
                     await pipeline.report(envelope, "infer")
             with metrics.batch_processing(model, len(items)):
                 await runner.run([e for _, e in items])
@@ -436,30 +449,38 @@ def attach(pipeline: Pipeline) -> None:
             if not task.cancelled() and task.exception() is not None:
                 log.critical("the batch scheduler stopped", exc_info=task.exception())
 
+        async def admit(event: EventT[bytes], envelope: Envelope) -> None:
+            try:
+                if await pipeline.screen(envelope, STAGE):
+                    await acknowledge(event)
+                    return
+                priority = envelope.request.priority
+                deadline = loop_deadline(envelope, scheduler.now())
+                scheduler.submit(envelope.model or "", (event, envelope), priority, deadline)
+            except QueueFull as exc:
+                failing = pipeline.fail(
+                    envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc)
+                )
+                await settle(event, failing)
+            except DeadlineUnreachable as exc:
+                failing = pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc))
+                await settle(event, failing)
+            except Exception as exc:
+                await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
+
+        async def admit_fused(event: EventT[bytes], envelope: Envelope) -> None:
+            pipeline.hold(event)
+            await admit(event, envelope)
+
         batcher: AdaptiveBatcher[Pending] = AdaptiveBatcher(settings.batch, limits)
         scheduler = BatchScheduler(batcher, execute, expired)
         flusher = asyncio.create_task(scheduler.run())
         flusher.add_done_callback(report_stop)
+        if fuses:
+            pipeline.receive_fused(STAGE, admit_fused, screen=False)
         try:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
-                try:
-                    if await pipeline.screen(envelope, STAGE):
-                        await manual.ack(event)
-                        continue
-                    priority = envelope.request.priority
-                    deadline = loop_deadline(envelope, scheduler.now())
-                    scheduler.submit(envelope.model or "", (event, envelope), priority, deadline)
-                except QueueFull as exc:
-                    failing = pipeline.fail(
-                        envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc)
-                    )
-                    await settle(event, failing)
-                except DeadlineUnreachable as exc:
-                    failing = pipeline.fail(
-                        envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc)
-                    )
-                    await settle(event, failing)
-                except Exception as exc:
-                    await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
+                await admit(event, envelope)
         finally:
+            pipeline.refuse_fused(STAGE)
             flusher.cancel()

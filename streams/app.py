@@ -251,13 +251,34 @@ class Pipeline:
         with the next one: one bad request never stalls a stage.
         """
 
-        self._handlers[stage] = (handle, screen)
+        self.receive_fused(stage, handle, screen)
 
         async def agent(stream: StreamT[bytes]) -> None:
             async for event, envelope in self.envelopes(stream, stage):
                 await self._enter(stage, event, envelope)
 
         self.app.agent(self.stage_topics[stage], name=stage)(agent)
+
+    def receive_fused(self, stage: str, handle: StageHandler, screen: bool = True) -> None:
+        """Let `send` run `handle` for `stage` in process where the sending stage fuses
+        with it; `screen` as for `stage_agent`."""
+        self._handlers[stage] = (handle, screen)
+
+    def refuse_fused(self, stage: str) -> None:
+        """Every send to `stage` takes its topic again."""
+        self._handlers.pop(stage, None)
+
+    def hold(self, event: EventT[bytes]) -> None:
+        """Keep the event read from Kafka behind `event` unacked past its own stream's ack,
+        until `release`: a stage run in process that keeps its request after its handler
+        returns (batch) must not let a crash before the answer lose the request."""
+        consumed(event).message.incref()
+
+    def release(self, event: EventT[bytes]) -> None:
+        """Undo a `hold`; the last reference to let go acks the event read from Kafka."""
+        message = consumed(event).message
+        if message.ack(self.app.consumer):
+            self.app.sensors.on_message_out(message.tp, message.offset, message)
 
     async def _enter(self, stage: str, event: EventT[bytes], envelope: Envelope) -> None:
         with handling_locally(event) if isinstance(event, LocalEvent) else contextlib.nullcontext():

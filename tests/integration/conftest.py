@@ -18,7 +18,7 @@ from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.messages import Status
-from topology.settings import AdaptiveLimit, Quota, RateLimit, Rates, Settings
+from topology.settings import AdaptiveLimit, Fusion, Quota, RateLimit, Rates, Settings
 
 # Concurrent duplicates merge only while their leader is still at the provider; on a
 # loaded 2-core machine a hop can take a few hundred ms, so the provider takes longer.
@@ -124,11 +124,16 @@ def pipeline_settings(
 
 
 def pipeline_fixture(
-    broker: str, workers: int, redis_db: int, embed: bool = False, table_store: str = "memory://"
+    broker: str,
+    workers: int,
+    redis_db: int,
+    embed: bool = False,
+    table_store: str = "memory://",
+    fusion: Fusion = "local",
 ) -> Any:
     """A session fixture running the whole pipeline on `broker` with `workers` workers;
     `embed` has preprocess embed every request and the cache serve near-repeats;
-    `table_store` is where the workers keep their Tables."""
+    `table_store` is where the workers keep their Tables; `fusion` as `Settings.fusion`."""
 
     @pytest.fixture(scope="session")
     def running_pipeline(
@@ -141,6 +146,7 @@ def pipeline_fixture(
         # Each broker's pipeline has its own Redis database, so no run sees another's cache.
         own_redis = f"{redis_url.rsplit('/', 1)[0]}/{redis_db}"
         settings = pipeline_settings(bootstrap, own_redis, provider, embed, table_store)
+        settings = settings.model_copy(update={"fusion": fusion})
         asyncio.run(create_topics(settings))
         run_dir = tmp_path_factory.mktemp(f"workers-{broker}")
         with Workers(settings, run_dir, workers) as running:
@@ -156,7 +162,9 @@ def pipeline_fixture(
 kafka_pipeline = pipeline_fixture("kafka", workers=2, redis_db=1, table_store="rocksdb://")
 # One worker embeds every request on Tansu; on two CPU cores embedding a burst of 500
 # takes seconds, which would turn the Kafka run's concurrent duplicates into cache hits.
-tansu_pipeline = pipeline_fixture("tansu", workers=1, redis_db=2, embed=True)
+# It hops between every stage, so the tests run the unfused path too (test_fusion runs
+# fusion on Tansu).
+tansu_pipeline = pipeline_fixture("tansu", workers=1, redis_db=2, embed=True, fusion="off")
 
 
 @pytest.fixture(scope="session", params=["kafka", "tansu"])

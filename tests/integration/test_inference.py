@@ -23,7 +23,7 @@ from schemas.messages import (
     Status,
     decode_embedding,
 )
-from tests.integration.conftest import RunningPipeline
+from tests.integration.conftest import RunningPipeline, connected_client
 from tests.integration.test_pipeline import read_topic, streamed_chunks
 
 pytestmark = pytest.mark.integration
@@ -67,23 +67,22 @@ async def test_a_streamed_zoo_answer_arrives_token_by_token(
     assert "".join(c.delta for c in mine) == response.output
 
 
-async def test_preprocess_embeds_the_last_user_turn_when_enabled(
-    pipeline: RunningPipeline, client: LLMFlowClient
+async def test_preprocess_embeds_the_last_user_turn(
+    tansu_pipeline: RunningPipeline,
 ) -> None:
-    settings = pipeline.settings
+    settings = tansu_pipeline.settings
+    assert settings.embedding.enabled and settings.fusion == "off"
     prompt = f"How should I size Kafka partitions for {uuid.uuid4().hex}?"
     request = new_request(prompt, "acme")
-    response = await client.call(request, timeout=60)
+    async with connected_client(tansu_pipeline) as client:
+        response = await client.call(request, timeout=60)
     assert response.status is Status.OK
-    topic = settings.stage("batch").topic.name  # a model call: reached with or without fusion
+    topic = settings.stage("ratelimit").topic.name  # preprocess's output, unfused
     envelopes = [
         Envelope.model_validate_json(value)
         for value in await read_topic(settings.bootstrap_servers, topic, 100_000, timeout=5)
     ]
     (mine, *_redelivered) = [e for e in envelopes if e.request.id == request.id]
-    if not settings.embedding.enabled:
-        assert mine.embedding is None
-        return
     assert mine.embedding is not None
     vector = decode_embedding(mine.embedding)
     expected = Encoder(Path(settings.embedding.path)).embed([prompt])[0]

@@ -186,6 +186,19 @@ def test_a_fused_stage_dead_letters_the_event_read_from_kafka() -> None:
     assert base64.b64decode(letter.raw_b64) == b"raw"
 
 
+def test_a_held_event_read_from_kafka_is_acked_when_released_not_by_its_stream() -> None:
+    pipeline, _seen, _topic = fused_pipeline("local")
+    read = consumed_event(pipeline, "preprocess", 1)
+    message = read.message
+    message.incref()  # what faust's conductor does for the one stream reading it
+    fused = LocalEvent(LocalEvent(read, "llm.stage.route", 2), "llm.stage.batch", 0)
+    pipeline.hold(fused)
+    assert not read.ack()  # the stream is done with it, the batch stage is not
+    assert not message.acked
+    pipeline.release(fused)
+    assert message.acked and message.refcount == 0
+
+
 def test_status_reports_go_out_unless_status_is_off() -> None:
     for enabled, reports in ((True, 1), (False, 0)):
         settings = Settings()
