@@ -233,6 +233,7 @@ async def measure(
         "overload": shedding(overload, unloaded_p99),
         "worker_rss_mb": MemoryTrend.of(memory).__dict__,
         "rss_samples": len(memory),
+        "rss_mb_over_time": [[round(s, 1), round(mb, 1)] for s, mb in memory],
         "ratelimit_scale_min": round(min(scales), 3),
     }
 
