@@ -194,12 +194,15 @@ class Pipeline:
             config=spec.kafka_config(),
         )
 
-    def table(self, name: str) -> TableT[str, Any]:
-        """The Table `name` (JSON keys and values), co-partitioned with its stage's topic."""
+    def table(self, name: str, raw: bool = False) -> TableT[str, Any]:
+        """The Table `name` (JSON keys and values, or with `raw` values as the bytes given),
+        co-partitioned with its stage's topic."""
         if name in self.app.tables:
             return cast(TableT[str, Any], self.app.tables[name])
         partitions = self.settings.stage(self.settings.tables[name]).topic.partitions
-        return self.app.Table(name, partitions=partitions, key_type=str)
+        return self.app.Table(
+            name, partitions=partitions, key_type=str, value_type=bytes if raw else None
+        )
 
     def shared(self, name: str, make: Callable[[], Shared]) -> Shared:
         """One object per worker for state that two stages share (a Table's index)."""

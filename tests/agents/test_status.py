@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from agents.status import StatusBook, fold
-from schemas.messages import ErrorCode, Status, StatusEvent
+from schemas.messages import ErrorCode, RequestStatus, Status, StatusEvent
 from streams.locality import kafka_partition
 from topology.settings import StatusSettings
 
@@ -46,7 +44,7 @@ def ids_of_partition(partition: int, count: int, partitions: int = 4) -> list[st
 
 
 def test_finished_records_are_dropped_after_keep_finished_s() -> None:
-    records: dict[str, Any] = {}
+    records: dict[str, bytes] = {}
     book = StatusBook(records, StatusSettings(keep_finished_s=10.0, max_age_s=100.0), 4)
     first, second, third = ids_of_partition(0, 3)
     book.record(StatusEvent(request_id=first, stage="respond", status=Status.OK, at=0.0), 0, 0.0)
@@ -56,7 +54,7 @@ def test_finished_records_are_dropped_after_keep_finished_s() -> None:
 
 
 def test_at_most_max_entries_per_partition_oldest_first_out() -> None:
-    records: dict[str, Any] = {}
+    records: dict[str, bytes] = {}
     book = StatusBook(records, StatusSettings(max_entries=2), 4)
     ids = ids_of_partition(1, 3)
     for index, request_id in enumerate(ids):
@@ -67,10 +65,19 @@ def test_at_most_max_entries_per_partition_oldest_first_out() -> None:
 def test_a_partition_seen_first_is_indexed_from_the_table() -> None:
     settings = StatusSettings(keep_finished_s=10.0)
     old, new = ids_of_partition(2, 2)
-    records: dict[str, Any] = {}
+    records: dict[str, bytes] = {}
     StatusBook(records, settings, 4).record(
         StatusEvent(request_id=old, stage="respond", status=Status.OK, at=0.0), 2, 0.0
     )
     restarted = StatusBook(records, settings, 4)
     restarted.record(StatusEvent(request_id=new, stage="preprocess", at=50.0), 2, 50.0)
     assert set(records) == {new}
+
+
+def test_a_record_is_kept_as_its_json_the_changelog_carries() -> None:
+    records: dict[str, bytes] = {}
+    book = StatusBook(records, StatusSettings(), 4)
+    (request_id,) = ids_of_partition(3, 1)
+    record = book.record(StatusEvent(request_id=request_id, stage="preprocess", at=5.0), 3, 5.0)
+    assert records[request_id] == record.model_dump_json().encode()
+    assert RequestStatus.model_validate_json(records[request_id]) == book.get(request_id)
