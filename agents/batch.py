@@ -428,11 +428,18 @@ def attach(pipeline: Pipeline) -> None:
             """Run the model; the answers go on in their own task, so the model's slot is
             free for the next batch while they are sent."""
             metrics.batch_size.labels(model).observe(len(items))
-            for event, envelope in items:
-                with on_behalf_of(consumed(event)), pipeline.handling(STAGE, event):
-                    await pipeline.report(envelope, "infer")
-            with metrics.batch_processing(model, len(items)):
-                await runner.run([e for _, e in items])
+            try:
+                for event, envelope in items:
+                    with on_behalf_of(consumed(event)), pipeline.handling(STAGE, event):
+                        await pipeline.report(envelope, "infer")
+                with metrics.batch_processing(model, len(items)):
+                    await runner.run([e for _, e in items])
+            except Exception as exc:
+                # Answered and acked all the same: a held event would pin its partition's
+                # commits for as long as the worker runs.
+                for event, envelope in items:
+                    await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
+                raise
             task = asyncio.create_task(hand_on_all(items))
             handing_on.add(task)
             task.add_done_callback(handing_on.discard)
@@ -482,5 +489,5 @@ def attach(pipeline: Pipeline) -> None:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
                 await admit(event, envelope)
         finally:
-            pipeline.refuse_fused(STAGE)
+            pipeline.refuse_fused(STAGE, admit_fused)
             flusher.cancel()

@@ -267,9 +267,11 @@ class Pipeline:
         with it; `screen` as for `stage_agent`."""
         self._handlers[stage] = (handle, screen)
 
-    def refuse_fused(self, stage: str) -> None:
-        """Every send to `stage` takes its topic again."""
-        self._handlers.pop(stage, None)
+    def refuse_fused(self, stage: str, handle: StageHandler) -> None:
+        """Every send to `stage` takes its topic again, unless a handler other than `handle`
+        (a restarted agent's) has taken its place."""
+        if self._handlers.get(stage, (None, True))[0] is handle:
+            del self._handlers[stage]
 
     def hold(self, event: EventT[bytes]) -> None:
         """Keep the event read from Kafka behind `event` unacked past its own stream's ack,

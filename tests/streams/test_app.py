@@ -186,6 +186,23 @@ def test_a_fused_stage_dead_letters_the_event_read_from_kafka() -> None:
     assert base64.b64decode(letter.raw_b64) == b"raw"
 
 
+def test_a_stage_stops_taking_fused_sends_unless_a_new_handler_took_its_place() -> None:
+    pipeline, seen, topic = fused_pipeline("local")
+    sent = envelope(3)
+    partition = cache_partition(pipeline, sent)
+
+    async def stopped(_event: EventT[bytes], _envelope: Envelope) -> None:
+        raise AssertionError("a stopped stage's handler ran")
+
+    pipeline.refuse_fused("cache", stopped)  # an old agent's: the running one stays
+    asyncio.run(send_from(pipeline, "route", partition, sent))
+    assert len(seen) == 1 and topic.sent == []
+    pipeline.receive_fused("cache", stopped)
+    pipeline.refuse_fused("cache", stopped)
+    asyncio.run(send_from(pipeline, "route", partition, sent))
+    assert len(seen) == 1 and len(topic.sent) == 1
+
+
 def test_a_held_event_read_from_kafka_is_acked_when_released_not_by_its_stream() -> None:
     pipeline, _seen, _topic = fused_pipeline("local")
     read = consumed_event(pipeline, "preprocess", 1)
