@@ -289,12 +289,15 @@ class BatchScheduler(Generic[Item]):
         batcher: AdaptiveBatcher[Item],
         execute: Callable[[str, list[Item]], Awaitable[bool]],
         expired: Callable[[Item], Awaitable[None]],
+        failed: Callable[[list[Item], Exception], Awaitable[None]] | None = None,
     ) -> None:
         """`execute` runs one batch and says whether its time measures the model (False
-        when it timed out or failed)."""
+        when it timed out or failed); `failed` answers the items of a batch whose `execute`
+        raised, which would otherwise be left waiting."""
         self.batcher = batcher
         self.execute = execute
         self.expired = expired
+        self.failed = failed
         self.running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
 
@@ -312,8 +315,13 @@ class BatchScheduler(Generic[Item]):
         started, measured = self.now(), False
         try:
             measured = await self.execute(model, items)
-        except Exception:
+        except Exception as exc:
             log.exception("a batch of %d for %s failed", len(items), model)
+            if self.failed is not None:
+                try:
+                    await self.failed(items, exc)
+                except Exception:
+                    log.exception("could not answer the requests of a failed batch")
         finally:
             self.batcher.done(model, len(items), self.now() - started if measured else None)
             self._start_ready()  # at once: the executor should not idle for a loop turn
@@ -428,22 +436,21 @@ def attach(pipeline: Pipeline) -> None:
             """Run the model; the answers go on in their own task, so the model's slot is
             free for the next batch while they are sent."""
             metrics.batch_size.labels(model).observe(len(items))
-            try:
-                for event, envelope in items:
-                    with on_behalf_of(consumed(event)), pipeline.handling(STAGE, event):
-                        await pipeline.report(envelope, "infer")
-                with metrics.batch_processing(model, len(items)):
-                    await runner.run([e for _, e in items])
-            except Exception as exc:
-                # Answered and acked all the same: a held event would pin its partition's
-                # commits for as long as the worker runs.
-                for event, envelope in items:
-                    await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
-                raise
+            for event, envelope in items:
+                with on_behalf_of(consumed(event)), pipeline.handling(STAGE, event):
+                    await pipeline.report(envelope, "infer")
+            with metrics.batch_processing(model, len(items)):
+                await runner.run([e for _, e in items])
             task = asyncio.create_task(hand_on_all(items))
             handing_on.add(task)
             task.add_done_callback(handing_on.discard)
             return any(e.status is Status.OK for _, e in items)
+
+        async def failed(items: list[Pending], exc: Exception) -> None:
+            """Answered and acked all the same: a held event would pin its partition's
+            commits for as long as the worker runs."""
+            for event, envelope in items:
+                await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
 
         async def expired(item: Pending) -> None:
             event, envelope = item
@@ -480,7 +487,7 @@ def attach(pipeline: Pipeline) -> None:
             await admit(event, envelope)
 
         batcher: AdaptiveBatcher[Pending] = AdaptiveBatcher(settings.batch, limits)
-        scheduler = BatchScheduler(batcher, execute, expired)
+        scheduler = BatchScheduler(batcher, execute, expired, failed)
         flusher = asyncio.create_task(scheduler.run())
         flusher.add_done_callback(report_stop)
         if fuses:

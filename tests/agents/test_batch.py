@@ -279,3 +279,34 @@ def test_a_failed_batch_does_not_teach_the_latency_fit() -> None:
     assert b.queues["m"].fit.predict(1) == 0.0
     b.add("m", "b", NORMAL, deadline=1.0, now=0.0)  # still admitted
     assert b.queued == 1
+
+
+async def test_the_requests_of_a_batch_that_raised_are_handed_to_failed() -> None:
+    b = batcher(slots=1)
+    ran: list[list[str]] = []
+    answered: list[tuple[list[str], str]] = []
+
+    async def execute(_model: str, items: list[str]) -> bool:
+        ran.append(items)
+        if items == ["broken"]:
+            raise RuntimeError("the status topic is gone")
+        return True
+
+    async def failed(items: list[str], exc: Exception) -> None:
+        answered.append((items, str(exc)))
+
+    async def never_expires(_item: str) -> None:
+        raise AssertionError("no deadlines here")
+
+    scheduler = BatchScheduler(b, execute, never_expires, failed)
+    loop_task = asyncio.create_task(scheduler.run())
+    try:
+        scheduler.submit("m", "broken", NORMAL, None)
+        await asyncio.sleep(0.02)
+        scheduler.submit("m", "after", NORMAL, None)
+        await asyncio.sleep(0.02)
+        await scheduler.drain()
+    finally:
+        loop_task.cancel()
+    assert answered == [(["broken"], "the status topic is gone")]
+    assert ran == [["broken"], ["after"]]
