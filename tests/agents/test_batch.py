@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -196,6 +198,17 @@ def test_http_models_are_sent_one_request_per_batch() -> None:
     assert b.take_ready(0.0) == [("gpt", ["a"]), ("gpt", ["b"]), ("gpt", ["c"])]
 
 
+@contextlib.asynccontextmanager
+async def running(scheduler: BatchScheduler[str]) -> AsyncIterator[asyncio.Task[None]]:
+    """The scheduler's loop, running while inside; the batches it started are drained."""
+    loop_task = asyncio.create_task(scheduler.run())
+    try:
+        yield loop_task
+        await scheduler.drain()
+    finally:
+        loop_task.cancel()
+
+
 async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
     b = batcher(slots=1)
     ran: list[list[str]] = []
@@ -210,8 +223,7 @@ async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
         expired.append(item)
 
     scheduler = BatchScheduler(b, execute, on_expired)
-    loop_task = asyncio.create_task(scheduler.run())
-    try:
+    async with running(scheduler):
         scheduler.submit("m", "r0", NORMAL, None)
         await asyncio.sleep(0.005)
         for i in range(1, 20):
@@ -222,9 +234,6 @@ async def test_scheduler_runs_batches_and_learns_their_latency() -> None:
             await asyncio.sleep(0.01)
             if sum(map(len, ran)) + len(expired) == 21:
                 break
-        await scheduler.drain()
-    finally:
-        loop_task.cancel()
     assert sorted(x for batch in ran for x in batch) == sorted(f"r{i}" for i in range(20))
     assert expired == ["hopeless"]
     assert ran[0] == ["r0"]  # the first goes alone: nothing else had arrived
@@ -256,17 +265,13 @@ async def test_the_scheduler_goes_on_when_answering_an_expired_request_fails() -
         raise RuntimeError("the broker is gone")
 
     scheduler = BatchScheduler(b, execute, failing)
-    loop_task = asyncio.create_task(scheduler.run())
-    try:
+    async with running(scheduler) as loop_task:
         scheduler.submit("m", "first", NORMAL, None)
         await asyncio.sleep(0.01)
         scheduler.submit("m", "doomed", NORMAL, scheduler.now() + 0.02)
         await asyncio.sleep(0.1)
         scheduler.submit("m", "after", NORMAL, None)
         await asyncio.sleep(0.1)
-        await scheduler.drain()
-    finally:
-        loop_task.cancel()
     assert ran == ["first", "after"]
     assert not loop_task.done() or loop_task.cancelled()
 
@@ -299,14 +304,10 @@ async def test_the_requests_of_a_batch_that_raised_are_handed_to_failed() -> Non
         raise AssertionError("no deadlines here")
 
     scheduler = BatchScheduler(b, execute, never_expires, failed)
-    loop_task = asyncio.create_task(scheduler.run())
-    try:
+    async with running(scheduler):
         scheduler.submit("m", "broken", NORMAL, None)
         await asyncio.sleep(0.02)
         scheduler.submit("m", "after", NORMAL, None)
         await asyncio.sleep(0.02)
-        await scheduler.drain()
-    finally:
-        loop_task.cancel()
     assert answered == [(["broken"], "the status topic is gone")]
     assert ran == [["broken"], ["after"]]
