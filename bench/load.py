@@ -213,6 +213,10 @@ class LoadRun:
                 stages.setdefault(stage, []).append(spent)
         return stages
 
+    def stage_summaries_ms(self) -> dict[str, dict[str, float]]:
+        """Each stage's `summary_ms`, stages in name order."""
+        return {stage: summary_ms(times) for stage, times in sorted(self.stage_ms().items())}
+
 
 def percentile(values: Sequence[float], share: float) -> float:
     """The nearest-rank percentile (`share` in 0..1); 0 for no values."""

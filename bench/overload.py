@@ -181,7 +181,6 @@ def shedding(run: LoadRun, unloaded_p99_ms: float) -> dict[str, Any]:
         [s for s in run.samples if s.outcome.status in ADMITTED and s.latency_ms is not None],
     )
     admitted = admitted_run.latencies_ms()
-    stages = admitted_run.stage_ms()
     p99 = percentile(admitted, 0.99)
     return {
         "requests": len(run.samples),
@@ -192,7 +191,7 @@ def shedding(run: LoadRun, unloaded_p99_ms: float) -> dict[str, Any]:
         "shed": {code: statuses.get(code, 0) for code in SHED},
         "unanswered": sum(1 for s in run.samples if not s.answered),
         "admitted_latency_ms": summary_ms(admitted),
-        "admitted_stage_ms": {s: summary_ms(v) for s, v in sorted(stages.items())},
+        "admitted_stage_ms": admitted_run.stage_summaries_ms(),
         "admitted_p99_over_unloaded_p99": round(p99 / unloaded_p99_ms, 2)
         if unloaded_p99_ms
         else None,
@@ -228,7 +227,7 @@ async def measure(
             "rps": args.unloaded_rps,
             "statuses": unloaded.statuses(),
             "latency_ms": summary_ms(unloaded.latencies_ms()),
-            "stage_ms": {s: summary_ms(v) for s, v in sorted(unloaded.stage_ms().items())},
+            "stage_ms": unloaded.stage_summaries_ms(),
         },
         "overload": shedding(overload, unloaded_p99),
         "worker_rss_mb": MemoryTrend.of(memory).__dict__,

@@ -178,7 +178,7 @@ def run_summary(run: LoadRun) -> dict[str, Any]:
         "overhead_ms": overhead,
         "overhead_p50_ms": overhead["p50"],
         "overhead_p99_ms": overhead["p99"],
-        "stage_ms": {stage: summary_ms(v) for stage, v in sorted(run.stage_ms().items())},
+        "stage_ms": run.stage_summaries_ms(),
     }
 
 
