@@ -119,12 +119,14 @@ def build_workload(spec: WorkloadSpec, prompts: Sequence[str] | None = None) -> 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a sender learnt from one answer: its status (ok, cached, merged, error_<code>)
-    and, where the answer says, the time spent in the model provider and in each stage."""
+    """What a sender learnt from one answer: its status (ok, cached, merged, error_<code>),
+    an error's reason, and, where the answer says, the time spent in the model provider and
+    in each stage."""
 
     status: str
     provider_ms: float | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
 
 
 def outcome_of(response: LLMResponse) -> Outcome:
@@ -133,7 +135,8 @@ def outcome_of(response: LLMResponse) -> Outcome:
     if response.status is Status.ERROR and response.error is not None:
         status = f"error_{response.error.code.value}"
     provider_ms = None if response.status is Status.MERGED else response.upstream_ms
-    return Outcome(status, provider_ms, dict(response.stage_latency_ms))
+    reason = None if response.error is None else response.error.reason
+    return Outcome(status, provider_ms, dict(response.stage_latency_ms), reason)
 
 
 @dataclass(frozen=True)

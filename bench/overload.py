@@ -5,11 +5,13 @@ First the rate the pipeline sustains is searched (`bench.load.max_sustained_rate
 rate limit; then the worker is restarted with its limits set from that rate (each tenant's
 request bucket at `--limit-share` of it, `batch.max_queued`, `limits.shed_queued_ms`,
 `limits.intake_pause_backlog_ms` and every request's deadline) and runs an unloaded
-baseline and the overload. Every prompt is made unique, so every admitted request costs a
-model call. The report counts who shed what
-(`rate_limited`, `overloaded`, `timeout`), requests left without an answer (should be
-none), the worker's resident memory over the overload (max and slope), the lowest scale the
-adaptive rate limit fell to, and the admitted requests' p99 as a ratio of the unloaded p99.
+baseline and the overload. The bench's client throttles itself (`client.throttle_k`,
+`--client-throttle-k`; `llmflow.throttle`). Every prompt is made unique, so every admitted
+request costs a model call. The report counts who shed what (`rate_limited`, `overloaded`,
+`timeout`; of `overloaded`, how many the client refused itself; preprocess's decisions
+from the worker's /metrics), requests left without an answer (should be none), the
+worker's resident memory over the overload (max and slope), the lowest scale the adaptive
+rate limit fell to, and the admitted requests' p99 as a ratio of the unloaded p99.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import os
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,7 @@ from bench.load import (
     summary_ms,
 )
 from llmflow.brokers import start_broker
-from llmflow.client import LLMFlowClient, new_request
+from llmflow.client import CLIENT_THROTTLED, LLMFlowClient, new_request
 from llmflow.reports import print_rows, write_report
 from llmflow.stack import Workers
 from schemas.messages import GenerationParams, Status
@@ -133,15 +136,33 @@ def resident_mb(pids: list[int]) -> float:
     return pages * PAGE / 2**20
 
 
-def ratelimit_scale(port: int) -> float:
-    """The worker's adaptive rate-limit scale (1.0 = the configured refill), from /metrics."""
+def metric_samples(port: int) -> list[Any]:
+    """Every sample a worker's /metrics shows now."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "llmflow_ratelimit_scale":
-                return float(sample.value)
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def ratelimit_scale(port: int) -> float:
+    """The worker's adaptive rate-limit scale (1.0 = the configured refill)."""
+    for sample in metric_samples(port):
+        if sample.name == "llmflow_ratelimit_scale":
+            return float(sample.value)
     return 1.0
+
+
+def preprocess_events(ports: list[int]) -> Counter[str]:
+    """What preprocess decided so far, by outcome, over all workers: how many requests it
+    shed for queueing too long (`queued_too_long`), held its intake (`intake_held`), ..."""
+    counts: Counter[str] = Counter()
+    for port in ports:
+        for sample in metric_samples(port):
+            if (
+                sample.name == "llmflow_stage_events_total"
+                and sample.labels.get("stage") == "preprocess"
+            ):
+                counts[sample.labels["outcome"]] += int(sample.value)
+    return counts
 
 
 @contextlib.asynccontextmanager
@@ -189,6 +210,7 @@ def shedding(run: LoadRun, unloaded_p99_ms: float) -> dict[str, Any]:
         "statuses": statuses,
         "admitted": len(admitted),
         "shed": {code: statuses.get(code, 0) for code in SHED},
+        "refused_by_client": sum(1 for s in run.samples if s.outcome.reason == CLIENT_THROTTLED),
         "unanswered": sum(1 for s in run.samples if not s.answered),
         "admitted_latency_ms": summary_ms(admitted),
         "admitted_stage_ms": admitted_run.stage_summaries_ms(),
@@ -220,8 +242,10 @@ async def measure(
         flood = items(int(rate * args.duration_s), "flood", args.seed + 1)
         memory: list[tuple[float, float]] = []
         scales: list[float] = []
+        before = await asyncio.to_thread(preprocess_events, workers.metrics_ports)
         async with sampling(workers, 0.5, memory, scales):
             overload = await open_loop(send, flood, rate, args.seed, answer_wait_s)
+        after = await asyncio.to_thread(preprocess_events, workers.metrics_ports)
     return {
         "unloaded": {
             "rps": args.unloaded_rps,
@@ -230,6 +254,7 @@ async def measure(
             "stage_ms": unloaded.stage_summaries_ms(),
         },
         "overload": shedding(overload, unloaded_p99),
+        "preprocess_events": dict(sorted((after - before).items())),
         "worker_rss_mb": MemoryTrend.of(memory).__dict__,
         "rss_samples": len(memory),
         "rss_mb_over_time": [[round(s, 1), round(mb, 1)] for s, mb in memory],
@@ -299,6 +324,10 @@ def run(args: argparse.Namespace) -> int:
         args.shed_queued_ms or None,
         args.intake_pause_backlog_ms or None,
     )
+    throttle_k = args.client_throttle_k or None
+    shed_settings = shed_settings.model_copy(
+        update={"client": shed_settings.client.model_copy(update={"throttle_k": throttle_k})}
+    )
     with stack(shed_settings) as (settings, workers):
         measured = asyncio.run(measure(settings, workers, args, sustainable))
     limit = shed_settings.ratelimit.default.tenant.requests
@@ -313,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             "shed_queued_ms": args.shed_queued_ms,
             "intake_pause_backlog_ms": args.intake_pause_backlog_ms,
             "deadline_s": args.deadline_s,
+            "client_throttle_k": throttle_k,
         },
         **measured,
         "wall_s": round(time.monotonic() - started, 1),
@@ -330,6 +360,8 @@ def print_report(report: dict[str, Any]) -> None:
         ("limits", report["limits"]),
         ("requests", overload["requests"]),
         ("statuses", overload["statuses"]),
+        ("refused by the client (of error_overloaded)", overload["refused_by_client"]),
+        ("preprocess events", report["preprocess_events"]),
         ("unanswered", overload["unanswered"]),
         ("unloaded p50 / p99 ms", _p50_p99(report["unloaded"]["latency_ms"])),
         ("admitted p50 / p99 ms", _p50_p99(overload["admitted_latency_ms"])),
@@ -391,6 +423,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=20.0,
         help="limits.intake_pause_backlog_ms: hold preprocess while hops queue longer; 0: never",
+    )
+    parser.add_argument(
+        "--client-throttle-k",
+        type=float,
+        default=2.0,
+        help="client.throttle_k: the client sends about k times what is accepted; 0: all",
     )
     parser.add_argument("--deadline-s", type=float, default=5.0, help="each request's deadline")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's latency")

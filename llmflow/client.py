@@ -21,24 +21,55 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from llmflow.admin import read_partitions
+from llmflow.throttle import AdaptiveThrottle
 from schemas.messages import (
     CancelEvent,
     ChatMessage,
+    ErrorCode,
+    ErrorInfo,
     FeedbackEvent,
     LLMRequest,
     LLMResponse,
+    Priority,
     RequestStatus,
     Role,
+    Status,
     StreamChunk,
     dump,
 )
 from streams.locality import kafka_partition
-from topology.settings import Settings
+from topology.settings import ClientSettings, Settings
 
 REMEMBERED_ANSWERS = 100_000
 # The response and the stream's last chunk travel on different topics, so either may come
 # first; this long the other is waited for before the stream is ended from what came.
 STREAM_GRACE_S = 1.0
+CLIENT_THROTTLED = "client_throttled"
+
+
+def throttle_for(settings: ClientSettings) -> AdaptiveThrottle | None:
+    if settings.throttle_k is None:
+        return None
+    return AdaptiveThrottle(
+        settings.throttle_k,
+        settings.throttle_window_s,
+        settings.throttle_min_requests,
+        settings.throttle_max_probability,
+    )
+
+
+def throttled(request: LLMRequest, throttle: AdaptiveThrottle) -> LLMResponse:
+    """The answer to a request the client refused itself; it never reached Kafka."""
+    message = (
+        f"the pipeline is answering overloaded: this client sends about {throttle.k:g} times "
+        f"what it accepted over the last {throttle.window_s:g} s and refused this one itself"
+    )
+    return LLMResponse(
+        id=request.id,
+        tenant=request.tenant,
+        status=Status.ERROR,
+        error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=CLIENT_THROTTLED, message=message),
+    )
 
 
 def new_request(prompt: str, tenant: str = "default", **fields: object) -> LLMRequest:
@@ -187,6 +218,7 @@ class LLMFlowClient:
         self.duplicates = 0
         self._pending: dict[str, asyncio.Future[LLMResponse]] = {}
         self._answered: OrderedDict[str, None] = OrderedDict()
+        self.throttle = throttle_for(settings.client)
         # acks="all": a request is sent once every in-sync replica has it, so a broker's
         # crash cannot lose it.
         self._producer = AIOKafkaProducer(
@@ -265,7 +297,12 @@ class LLMFlowClient:
         await self.stop()
 
     async def _listen(self) -> None:
+        """Answers are keyed by request id: those of other clients' requests are not parsed."""
         async for message in self._consumer:
+            if message.key is not None:
+                request_id = message.key.decode(errors="replace")
+                if request_id not in self._pending and request_id not in self._answered:
+                    continue
             try:
                 response = LLMResponse.model_validate_json(message.value or b"")
             except ValidationError:
@@ -295,6 +332,9 @@ class LLMFlowClient:
         self._answered[response.id] = None
         if len(self._answered) > REMEMBERED_ANSWERS:
             self._answered.popitem(last=False)
+        if self.throttle is not None:
+            overloaded = response.error is not None and response.error.code is ErrorCode.OVERLOADED
+            self.throttle.answered(accepted=not overloaded)
         if not future.done():
             future.set_result(response)
         streamed = self._streams.get(response.id)
@@ -313,6 +353,10 @@ class LLMFlowClient:
         if request.reply_topic is None and self.reply_topic != self.settings.topics.responses.name:
             request.reply_topic = self.reply_topic
         future = self.expect(request.id)
+        throttle = self.throttle
+        if throttle is not None and not throttle.admit(request.priority is not Priority.HIGH):
+            self._deliver(throttled(request, throttle))
+            return future
         await self.send_raw(dump(request), key=request.id.encode())
         return future
 

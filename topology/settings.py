@@ -330,6 +330,20 @@ class Limits(Section):
     )
 
 
+class ClientSettings(Section):
+    """`LLMFlowClient`'s adaptive throttling (`llmflow.throttle`): it sends about
+    `throttle_k` times what the pipeline accepted over the last `throttle_window_s` and
+    answers the rest `overloaded` itself; null (the default): it sends every request. The
+    Google SRE book suggests 2; `llmflow bench overload` measures it."""
+
+    throttle_k: float | None = Field(default=None, ge=1.0)
+    throttle_window_s: float = Field(default=10.0, gt=0)
+    throttle_min_requests: int = Field(
+        default=100, ge=0, description="no refusal while the window holds fewer requests"
+    )
+    throttle_max_probability: float = Field(default=0.9, gt=0.0, le=1.0)
+
+
 class DedupSettings(Section):
     lock_timeout_s: float = 60.0
     max_followers: int = 1000
@@ -737,6 +751,7 @@ class Settings(Section):
     tables: dict[str, str] = Field(default_factory=default_tables)
     models: list[ModelSpec] = Field(default_factory=default_models)
     limits: Limits = Limits()
+    client: ClientSettings = ClientSettings()
     ratelimit: RateLimits = RateLimits()
     dedup: DedupSettings = DedupSettings()
     cache: CacheSettings = CacheSettings()

@@ -177,6 +177,6 @@ def test_outcome_takes_provider_time_except_from_a_merged_follower() -> None:
     assert outcome_of(LLMResponse(id="a", status=Status.CACHED)).provider_ms == 0.0
     assert outcome_of(LLMResponse(id="a", status=Status.MERGED)).provider_ms is None
     error = ErrorInfo(code=ErrorCode.TIMEOUT, reason="deadline_exceeded", message="late")
-    assert outcome_of(LLMResponse(id="a", status=Status.ERROR, error=error)).status == (
-        "error_timeout"
-    )
+    failed = outcome_of(LLMResponse(id="a", status=Status.ERROR, error=error))
+    assert (failed.status, failed.reason) == ("error_timeout", "deadline_exceeded")
+    assert outcome_of(ok).reason is None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
 from bench.load import LoadRun, Outcome, Sample, WorkItem
-from bench.overload import MemoryTrend, limited, shedding, unlimited
+from bench.overload import MemoryTrend, limited, preprocess_events, shedding, unlimited
+from llmflow.client import CLIENT_THROTTLED
 from topology.settings import Settings
 
 
@@ -47,9 +50,12 @@ def test_shedding_counts_who_refused_and_compares_admitted_latency() -> None:
     samples = [sample(i, "ok", 0.2) for i in range(99)] + [sample(99, "ok", 0.4)]
     samples += [sample(100, "error_rate_limited", 0.01), sample(101, "error_overloaded", 0.02)]
     samples += [sample(102, "error_timeout", 5.0), sample(103, "timeout_client", None)]
+    refused = Outcome("error_overloaded", reason=CLIENT_THROTTLED)
+    samples.append(Sample(samples[0].item, 0.0, 0.0001, refused))
     report = shedding(LoadRun(50.0, samples), unloaded_p99_ms=200.0)
     assert report["admitted"] == 100 and report["unanswered"] == 1
-    assert report["shed"] == {"error_rate_limited": 1, "error_overloaded": 1, "error_timeout": 1}
+    assert report["shed"] == {"error_rate_limited": 1, "error_overloaded": 2, "error_timeout": 1}
+    assert report["refused_by_client"] == 1
     assert report["admitted_latency_ms"]["p99"] == 200.0
     assert report["admitted_p99_over_unloaded_p99"] == 1.0
     assert shedding(LoadRun(50.0, samples), 0.0)["admitted_p99_over_unloaded_p99"] is None
@@ -66,3 +72,17 @@ def test_shedding_gives_the_admitted_requests_stage_times_only() -> None:
     assert set(stages) == {"batch", "infer"}
     assert stages["batch"]["count"] == 2 and stages["batch"]["max"] == 8.0
     assert stages["infer"]["p50"] == 60.0
+
+
+def test_preprocess_events_are_read_from_each_worker_metrics_endpoint() -> None:
+    registry = CollectorRegistry()
+    events = Counter("llmflow_stage_events", "", ["stage", "outcome"], registry=registry)
+    events.labels("preprocess", "queued_too_long").inc(3)
+    events.labels("preprocess", "accepted").inc(2)
+    events.labels("route", "accepted").inc(5)
+    server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        port = server.server_port
+        assert preprocess_events([port, port]) == {"queued_too_long": 6, "accepted": 4}
+    finally:
+        server.shutdown()

@@ -6,8 +6,18 @@ import asyncio
 
 import pytest
 
-from llmflow.client import STREAM_GRACE_S, ChunkOrder, Streamed
-from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Status, StreamChunk
+from llmflow.client import (
+    CLIENT_THROTTLED,
+    STREAM_GRACE_S,
+    ChunkOrder,
+    LLMFlowClient,
+    Streamed,
+    new_request,
+    throttle_for,
+)
+from llmflow.throttle import AdaptiveThrottle
+from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Priority, Status, StreamChunk
+from topology.settings import ClientSettings, Settings
 
 
 def chunk(index: int, delta: str, done: bool = False) -> StreamChunk:
@@ -19,6 +29,7 @@ def answered(output: str) -> LLMResponse:
 
 
 LIMITED = ErrorInfo(code=ErrorCode.RATE_LIMITED, reason="tenant", message="slow down")
+OVERLOADED = ErrorInfo(code=ErrorCode.OVERLOADED, reason="queued_too_long", message="busy")
 
 
 def test_chunks_come_out_in_index_order_once_each() -> None:
@@ -88,3 +99,62 @@ async def test_no_answer_in_time_raises_timeout() -> None:
     with pytest.raises(TimeoutError):
         await collect(streamed)
     assert await streamed.final() is None
+
+
+class RecordingClient(LLMFlowClient):
+    """A client that records what it would publish instead of publishing it."""
+
+    def __init__(self) -> None:
+        super().__init__(Settings())
+        self.sent: list[bytes | None] = []
+
+    async def send_raw(
+        self, raw: bytes, key: bytes | None = None, timestamp_ms: int | None = None
+    ) -> None:
+        self.sent.append(key)
+
+
+def refusing_client() -> RecordingClient:
+    """A client whose throttle has seen only `overloaded` answers: it refuses all it may."""
+    client = RecordingClient()
+    client.throttle = AdaptiveThrottle(2.0, 10.0, draw=lambda: 0.0)
+    for _ in range(100):
+        client.throttle.answered(accepted=False)
+    return client
+
+
+async def test_a_request_the_throttle_refuses_is_answered_overloaded_by_the_client() -> None:
+    client = refusing_client()
+    assert client.throttle is not None
+    refused = client.throttle.refused
+    future = await client.submit(new_request("hello"))
+    response = future.result()
+    assert response.status is Status.ERROR and response.error is not None
+    assert response.error.code is ErrorCode.OVERLOADED
+    assert response.error.reason == CLIENT_THROTTLED
+    assert client.throttle.refused == refused + 1 and client.sent == []
+    assert client.throttle._requests == 101, "a refusal counts as an overloaded answer"
+
+
+async def test_a_high_priority_request_is_sent_even_when_the_throttle_refuses() -> None:
+    client = refusing_client()
+    request = new_request("hello", priority=Priority.HIGH)
+    future = await client.submit(request)
+    assert client.sent == [request.id.encode()] and not future.done()
+
+
+async def test_answers_other_than_overloaded_count_as_accepted() -> None:
+    client = LLMFlowClient(Settings(client=ClientSettings(throttle_k=2.0)))
+    assert client.throttle is not None
+    for request_id, error in (("a", None), ("b", LIMITED), ("c", OVERLOADED)):
+        client.expect(request_id)
+        status = Status.OK if error is None else Status.ERROR
+        client._deliver(LLMResponse(id=request_id, status=status, error=error))
+    client._deliver(LLMResponse(id="a", status=Status.OK))
+    assert (client.throttle._requests, client.throttle._accepts) == (3, 2)
+
+
+def test_the_throttle_follows_the_client_settings() -> None:
+    throttle = throttle_for(ClientSettings(throttle_k=1.5, throttle_min_requests=7))
+    assert throttle is not None and (throttle.k, throttle.min_requests) == (1.5, 7)
+    assert throttle_for(ClientSettings()) is None
