@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from bench.pipeline import process_usage
 from llmflow.brokers import BROKERS, start_broker
-from llmflow.reports import write_report
+from llmflow.reports import figure, write_report
 
 TOPIC = "bench.broker"
 PARTITIONS = 4
@@ -133,25 +133,19 @@ def measure_broker(kind: str, args: argparse.Namespace) -> list[Step]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for kind, result in report["brokers"].items():
-        records = [s["records"] for s in result["steps"]]
-        axes[0].plot(records, [s["cpu_ms_per_round"] for s in result["steps"]], "o-", label=kind)
-        axes[1].plot(records, [s["round_trip_p50_ms"] for s in result["steps"]], "o-", label=kind)
-    axes[0].set_ylabel("broker CPU ms per produce + fetch")
-    axes[1].set_ylabel("round trip p50 ms")
-    for axis in axes:
-        axis.set_xlabel("records already in the topic")
-        axis.set_ylim(bottom=0)
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure(path, 1, 2, figsize=(11, 4)) as (_, axes):
+        for kind, result in report["brokers"].items():
+            records = [s["records"] for s in result["steps"]]
+            cpu = [s["cpu_ms_per_round"] for s in result["steps"]]
+            axes[0].plot(records, cpu, "o-", label=kind)
+            trip = [s["round_trip_p50_ms"] for s in result["steps"]]
+            axes[1].plot(records, trip, "o-", label=kind)
+        axes[0].set_ylabel("broker CPU ms per produce + fetch")
+        axes[1].set_ylabel("round trip p50 ms")
+        for axis in axes:
+            axis.set_xlabel("records already in the topic")
+            axis.set_ylim(bottom=0)
+            axis.legend()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from llmflow.reports import write_report
+from llmflow.reports import figure, write_report
 from streams.locality import MAPPINGS, Mapping, SemanticBucketer
 
 Embed = Callable[[list[str]], npt.NDArray[np.float32]]
@@ -482,14 +482,16 @@ def compare(report: dict[str, Any], thresholds: Sequence[float]) -> str:
 
 
 def plot(report: dict[str, Any], variants: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = f"sharegpt@{SHAREGPT_PAIR_COSINE:.2f}"
     edits = "edits@0.95"
-    figure, axes = plt.subplots(len(variants), 2, figsize=(11, 3.6 * len(variants)), squeeze=False)
+    size = (11, 3.6 * len(variants))
+    with figure(path, len(variants), 2, figsize=size, squeeze=False) as (_, axes):
+        _plot_variants(report, variants, metric, edits, axes)
+
+
+def _plot_variants(
+    report: dict[str, Any], variants: Sequence[str], metric: str, edits: str, axes: Any
+) -> None:
     for row, variant in enumerate(variants):
         entries = list(report["results"][variant].values())
         for count in sorted({e["partitions"] for e in entries}):
@@ -515,9 +517,6 @@ def plot(report: dict[str, Any], variants: Sequence[str], path: Path) -> None:
         axes[row][1].set_xlabel("bits")
         axes[row][1].set_yscale("log")
         axes[row][1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def run(args: argparse.Namespace) -> int:

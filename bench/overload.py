@@ -47,7 +47,7 @@ from bench.load import (
 )
 from llmflow.brokers import start_broker
 from llmflow.client import CLIENT_THROTTLED, LLMFlowClient, new_request
-from llmflow.reports import print_rows, write_report
+from llmflow.reports import figure, print_rows, write_report
 from llmflow.stack import Workers
 from schemas.messages import GenerationParams, Status
 from topology.settings import Quota, RateLimit, Rates, Settings, load_settings
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": round(time.monotonic() - started, 1),
     }
     print_report(report)
-    write_report(report, args.json)
+    write_report(report, args.json, args.plot, lambda path: plot(report, path))
     return 0
 
 
@@ -385,12 +385,46 @@ def print_report(report: dict[str, Any]) -> None:
     print_rows(rows)
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Left: the worker's resident memory over the overload. Right: each stage's p99, and
+    the whole trip's, unloaded against admitted under the overload."""
+    overload, unloaded = report["overload"], report["unloaded"]
+    stages = [s for s in overload["admitted_stage_ms"] if s in unloaded["stage_ms"]]
+    rows = {
+        "end to end": (unloaded["latency_ms"], overload["admitted_latency_ms"]),
+        **{s: (unloaded["stage_ms"][s], overload["admitted_stage_ms"][s]) for s in stages},
+    }
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (_, (memory, latency)):
+        seconds = [s for s, _ in report["rss_mb_over_time"]]
+        memory.plot(seconds, [mb for _, mb in report["rss_mb_over_time"]], "-")
+        memory.set(
+            xlabel="seconds into the overload",
+            ylabel="worker RSS MB",
+            title=f"worker memory: {report['worker_rss_mb']['slope_mb_per_min']} MB/min",
+        )
+        memory.set_ylim(bottom=0)
+        positions = range(len(rows))
+        latency.barh([p + 0.2 for p in positions], [u["p99"] for u, _ in rows.values()], 0.4)
+        latency.barh([p - 0.2 for p in positions], [a["p99"] for _, a in rows.values()], 0.4)
+        latency.set_yticks(list(positions), list(rows))
+        latency.invert_yaxis()
+        latency.legend(["unloaded", "admitted"])
+        ratio = overload["admitted_p99_over_unloaded_p99"]
+        latency.set(
+            xlabel="p99 ms",
+            title=f"{overload['target_rps']} req/s offered: admitted p99 {ratio}x unloaded",
+        )
+
+
 def _p50_p99(summary: dict[str, float]) -> str:
     return f"{summary['p50']} / {summary['p99']}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", required=True, help="where to write the report")
+    parser.add_argument(
+        "--plot", help="where to write a PNG of the worker's memory and the p99s by stage"
+    )
     add_broker_argument(parser)
     parser.add_argument("--factor", type=float, default=5.0, help="times the sustainable rate")
     parser.add_argument("--duration-s", type=float, default=20.0, help="each measured run")

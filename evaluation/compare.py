@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import html
 import io
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from llmflow.admin import read_partitions
 from llmflow.demo import format_rows, percentile
 from llmflow.replay import REPLAYED_AT, namespace_settings, settings_of
-from llmflow.reports import write_report
+from llmflow.reports import figure, write_report
 from models.tasks import SIZES, Difficulty, Item, Task, check
 from schemas.messages import LLMRequest, LLMResponse, Status
 from topology.settings import Settings
@@ -244,49 +245,41 @@ def rows(comparison: Comparison) -> list[tuple[str, str, str]]:
     return table
 
 
-def _png(figure: Any) -> str:
+@contextlib.contextmanager
+def png(images: dict[str, str], name: str, *grid: int, **options: Any) -> Iterator[Any]:
+    """Draw on the axes given, then keep the figure in `images[name]` as a base64 PNG."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
+    with figure(buffer, *grid, dpi=100, **options) as (_, axes):
+        yield axes
+    images[name] = base64.b64encode(buffer.getvalue()).decode()
 
 
 def plots(comparison: Comparison) -> dict[str, str]:
     """Latency CDFs, the routing mix and the cost of both runs, as base64 PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = (comparison.baseline, comparison.candidate)
     images: dict[str, str] = {}
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for summary in runs:
-        ordered = sorted(summary.latencies_ms)
-        shares = [(i + 1) / len(ordered) for i in range(len(ordered))]
-        axes.step(ordered, shares, where="post", label=summary.namespace)
-    axes.set(xlabel="latency ms", ylabel="share answered", title="latency CDF")
-    axes.legend()
-    images["latency CDF"] = _png(figure)
-    plt.close(figure)
+    with png(images, "latency CDF", figsize=(6, 4)) as axes:
+        for summary in runs:
+            ordered = sorted(summary.latencies_ms)
+            shares = [(i + 1) / len(ordered) for i in range(len(ordered))]
+            axes.step(ordered, shares, where="post", label=summary.namespace)
+        axes.set(xlabel="latency ms", ylabel="share answered", title="latency CDF")
+        axes.legend()
 
     models = sorted({*comparison.baseline.models, *comparison.candidate.models})
-    figure, axes = plt.subplots(figsize=(6, 4))
-    width = 0.4
-    for offset, summary in enumerate(runs):
-        positions = [i + (offset - 0.5) * width for i in range(len(models))]
-        counts = [summary.models.get(m, 0) for m in models]
-        axes.bar(positions, counts, width, label=summary.namespace)
-    axes.set_xticks(range(len(models)), models)
-    axes.set(ylabel="answers", title="routing mix (model per answer)")
-    axes.legend()
-    images["routing mix"] = _png(figure)
-    plt.close(figure)
+    with png(images, "routing mix", figsize=(6, 4)) as axes:
+        width = 0.4
+        for offset, summary in enumerate(runs):
+            positions = [i + (offset - 0.5) * width for i in range(len(models))]
+            counts = [summary.models.get(m, 0) for m in models]
+            axes.bar(positions, counts, width, label=summary.namespace)
+        axes.set_xticks(range(len(models)), models)
+        axes.set(ylabel="answers", title="routing mix (model per answer)")
+        axes.legend()
 
-    figure, axes = plt.subplots(figsize=(4, 4))
-    axes.bar([s.namespace for s in runs], [s.cost_usd for s in runs], color=["C0", "C1"])
-    axes.set(ylabel="usd", title="cost")
-    images["cost"] = _png(figure)
-    plt.close(figure)
+    with png(images, "cost", figsize=(4, 4)) as axes:
+        axes.bar([s.namespace for s in runs], [s.cost_usd for s in runs], color=["C0", "C1"])
+        axes.set(ylabel="usd", title="cost")
     return images
 
 

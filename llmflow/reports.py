@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def write_report(
@@ -23,6 +24,26 @@ def write_report(
     if plot_path and draw is not None:
         draw(Path(plot_path))
         print(f"wrote {plot_path}")
+
+
+@contextlib.contextmanager
+def figure(
+    target: Path | IO[bytes], *grid: int, dpi: int = 110, **options: Any
+) -> Iterator[tuple[Any, Any]]:
+    """`plt.subplots(*grid, **options)` drawn off-screen (no display here), laid out and
+    saved to `target` as a PNG when the block ends, and closed either way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn, axes = plt.subplots(*grid, **options)
+    try:
+        yield drawn, axes
+        drawn.tight_layout()
+        drawn.savefig(target, format="png", dpi=dpi)
+    finally:
+        plt.close(drawn)
 
 
 def print_rows(rows: Iterable[tuple[str, object]]) -> None:

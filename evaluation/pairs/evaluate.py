@@ -31,7 +31,7 @@ from agents.cache import SemanticCache, semantic_query
 from agents.dedup import Admission, InflightRegistry
 from agents.semantic import GUARD_KINDS, SemanticIndex, Vector, context_key, guards
 from inference.encoder import Encoder
-from llmflow.reports import write_report
+from llmflow.reports import figure, write_report
 from schemas.messages import ChatMessage, Envelope, LLMRequest, Role, encode_embedding
 from topology.settings import DedupSettings, SemanticCacheSettings, load_settings
 
@@ -276,18 +276,11 @@ def _table(report: dict[str, Any], threshold: float) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Precision and recall, and the hard-negative false-hit rate, against the threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     parts = report.get("splits", {"all": report})
-    figure, axes = plt.subplots(len(parts), 2, figsize=(12, 4.5 * len(parts)), squeeze=False)
-    for (name, part), (left, right) in zip(parts.items(), axes, strict=True):
-        _plot_part(part, name, left, right)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    size = (12, 4.5 * len(parts))
+    with figure(path, len(parts), 2, dpi=120, figsize=size, squeeze=False) as (_, axes):
+        for (name, part), (left, right) in zip(parts.items(), axes, strict=True):
+            _plot_part(part, name, left, right)
 
 
 def _plot_part(report: dict[str, Any], split: str, left: Any, right: Any) -> None:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from llmflow.client import LLMFlowClient
 from llmflow.demo import format_rows, percentile
 from llmflow.prompts import Conversation, load_conversations
-from llmflow.reports import write_report
+from llmflow.reports import figure, write_report
 from schemas.messages import ChatMessage, LLMRequest, LLMResponse, Role, Status
 from topology.settings import Settings
 
@@ -451,35 +451,27 @@ def table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: Path) -> None:
     """Left: the share of each answer path per kind of turn. Right: the share served so
     far over the run, by path (the caches fill as it goes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = report["records"]
     present = {r["path"] for r in records}
     paths = [*PATHS, *sorted(present - set(PATHS))]
     color = {name: f"C{i}" for i, name in enumerate(paths)}  # one colour a path, both panels
     groups = {"all": records, **{k: [r for r in records if r["kind"] == k] for k in KINDS}}
     groups = {name: rows for name, rows in groups.items() if rows}
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    offsets = [0.0] * len(groups)
-    for name in (p for p in paths if p in present):
-        shares = [sum(r["path"] == name for r in rows) / len(rows) for rows in groups.values()]
-        left.barh(list(groups), shares, left=offsets, label=name, color=color[name])
-        offsets = [o + s for o, s in zip(offsets, shares, strict=True)]
-    left.set(xlabel="share of requests", title="what answered each kind of turn")
-    left.legend(fontsize=7, loc="lower right")
-    xs = [r["sent_s"] for r in records]
-    for name in SERVED:
-        served = itertools.accumulate(r["path"] == name for r in records)
-        shares = [n / (i + 1) for i, n in enumerate(served)]
-        right.plot(xs, shares, label=name, color=color[name])
-    right.set(xlabel="sent at (s)", ylabel="share of requests so far", title="served so far")
-    right.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with figure(path, 1, 2, dpi=120, figsize=(13, 4.5)) as (_, (left, right)):
+        offsets = [0.0] * len(groups)
+        for name in (p for p in paths if p in present):
+            shares = [sum(r["path"] == name for r in rows) / len(rows) for rows in groups.values()]
+            left.barh(list(groups), shares, left=offsets, label=name, color=color[name])
+            offsets = [o + s for o, s in zip(offsets, shares, strict=True)]
+        left.set(xlabel="share of requests", title="what answered each kind of turn")
+        left.legend(fontsize=7, loc="lower right")
+        xs = [r["sent_s"] for r in records]
+        for name in SERVED:
+            served = itertools.accumulate(r["path"] == name for r in records)
+            shares = [n / (i + 1) for i, n in enumerate(served)]
+            right.plot(xs, shares, label=name, color=color[name])
+        right.set(xlabel="sent at (s)", ylabel="share of requests so far", title="served so far")
+        right.legend(fontsize=7)
 
 
 def workload_from_args(args: argparse.Namespace) -> list[Sent]:

@@ -37,7 +37,7 @@ from agents.postprocess import finish
 from agents.preprocess import count_tokens
 from agents.route import Router
 from inference.complexity import ComplexityClassifier
-from llmflow.reports import write_report
+from llmflow.reports import figure, write_report
 from models.tasks import DIFFICULTIES, TASKS, Item, check, make_items
 from schemas.messages import ChatMessage, Envelope, GenerationParams, LLMRequest, Role
 from streams.drivers.local_decoder import LocalDecoderBackend
@@ -235,47 +235,41 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Accuracy against cost (a share of always-large's): the router and cascade sweeps as
     lines, the other policies as points, the target as a shaded corner."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for prefix in ("router@", "cascade@"):
-        sweep = sorted(
-            (r for r in rows if r["name"].startswith(prefix)), key=lambda r: r["cost_share"]
-        )
-        axes.plot(
-            [r["cost_share"] for r in sweep],
-            [r["accuracy"] for r in sweep],
-            marker="o",
-            label=prefix.rstrip("@"),
-        )
-        for row in sweep:
-            axes.annotate(
-                row["name"].removeprefix(prefix), (row["cost_share"], row["accuracy"]), fontsize=7
+    with figure(path, dpi=120, figsize=(7, 5)) as (_, axes):
+        for prefix in ("router@", "cascade@"):
+            sweep = sorted(
+                (r for r in rows if r["name"].startswith(prefix)), key=lambda r: r["cost_share"]
             )
-    for row in rows:
-        if "@" not in row["name"]:
-            axes.scatter(row["cost_share"], row["accuracy"], marker="s", label=row["name"])
-    large = next(r for r in rows if r["name"] == "always-large")
-    axes.fill_between(
-        [0, TARGET_COST_SHARE],
-        large["accuracy"] * TARGET_ACCURACY_SHARE,
-        1.0,
-        color="green",
-        alpha=0.1,
-        label="target",
-    )
-    axes.set(
-        xlabel="cost (share of always-large)",
-        ylabel="accuracy",
-        title="routing policies on zoo tasks",
-    )
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+            axes.plot(
+                [r["cost_share"] for r in sweep],
+                [r["accuracy"] for r in sweep],
+                marker="o",
+                label=prefix.rstrip("@"),
+            )
+            for row in sweep:
+                axes.annotate(
+                    row["name"].removeprefix(prefix),
+                    (row["cost_share"], row["accuracy"]),
+                    fontsize=7,
+                )
+        for row in rows:
+            if "@" not in row["name"]:
+                axes.scatter(row["cost_share"], row["accuracy"], marker="s", label=row["name"])
+        large = next(r for r in rows if r["name"] == "always-large")
+        axes.fill_between(
+            [0, TARGET_COST_SHARE],
+            large["accuracy"] * TARGET_ACCURACY_SHARE,
+            1.0,
+            color="green",
+            alpha=0.1,
+            label="target",
+        )
+        axes.set(
+            xlabel="cost (share of always-large)",
+            ylabel="accuracy",
+            title="routing policies on zoo tasks",
+        )
+        axes.legend(fontsize=7)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from bench.load import LoadRun, Outcome, Sample, WorkItem
-from bench.overload import MemoryTrend, limited, preprocess_events, shedding, unlimited
+from bench.overload import (
+    MemoryTrend,
+    limited,
+    plot,
+    preprocess_events,
+    shedding,
+    unlimited,
+)
 from llmflow.client import CLIENT_THROTTLED
 from topology.settings import Settings
 
@@ -86,3 +95,21 @@ def test_preprocess_events_are_read_from_each_worker_metrics_endpoint() -> None:
         assert preprocess_events([port, port]) == {"queued_too_long": 6, "accepted": 4}
     finally:
         server.shutdown()
+
+
+def test_the_plot_draws_memory_and_the_p99_of_each_stage(tmp_path: Path) -> None:
+    summary = {"p50": 50.0, "p99": 80.0}
+    report = {
+        "unloaded": {"latency_ms": summary, "stage_ms": {"infer": summary}},
+        "overload": {
+            "target_rps": 1800.0,
+            "admitted_latency_ms": {"p50": 90.0, "p99": 150.0},
+            "admitted_stage_ms": {"infer": summary, "only_loaded": summary},
+            "admitted_p99_over_unloaded_p99": 1.88,
+        },
+        "worker_rss_mb": {"slope_mb_per_min": 3.0},
+        "rss_mb_over_time": [[0.0, 140.0], [0.5, 141.0]],
+    }
+    target = tmp_path / "overload.png"
+    plot(report, target)
+    assert target.read_bytes().startswith(b"\x89PNG")
