@@ -482,41 +482,36 @@ def compare(report: dict[str, Any], thresholds: Sequence[float]) -> str:
 
 
 def plot(report: dict[str, Any], variants: Sequence[str], path: Path) -> None:
-    metric = f"sharegpt@{SHAREGPT_PAIR_COSINE:.2f}"
-    edits = "edits@0.95"
     size = (11, 3.6 * len(variants))
     with figure(path, len(variants), 2, figsize=size, squeeze=False) as (_, axes):
-        _plot_variants(report, variants, metric, edits, axes)
+        for variant, (left, right) in zip(variants, axes, strict=True):
+            _plot_variant(report["results"][variant], report["load_floor"], variant, left, right)
 
 
-def _plot_variants(
-    report: dict[str, Any], variants: Sequence[str], metric: str, edits: str, axes: Any
+def _plot_variant(
+    results: dict[str, Any], load_floor: dict[str, float], variant: str, left: Any, right: Any
 ) -> None:
-    for row, variant in enumerate(variants):
-        entries = list(report["results"][variant].values())
-        for count in sorted({e["partitions"] for e in entries}):
-            mine = [e for e in entries if e["partitions"] == count]
-            xs = [e["bits"] for e in mine]
-            (line,) = axes[row][0].plot(
-                xs, [e["miss"][metric] for e in mine], "o-", label=f"{count} partitions"
-            )
-            axes[row][0].plot(
-                xs, [e["miss"].get(edits) for e in mine], "x--", color=line.get_color()
-            )
-            axes[row][1].plot(
-                xs, [e["load_max_over_mean"] for e in mine], "o-", label=f"{count} partitions"
-            )
-            axes[row][1].axhline(
-                report["load_floor"][str(count)], color=line.get_color(), lw=0.6, ls=":"
-            )
-        axes[row][0].set_title(f"{variant}: near-duplicates split (o {metric}, x {edits})")
-        axes[row][0].set_xlabel("bits")
-        axes[row][0].set_ylabel("miss rate vs global index")
-        axes[row][0].legend(fontsize=8)
-        axes[row][1].set_title(f"{variant}: max/mean partition load (dotted: random)")
-        axes[row][1].set_xlabel("bits")
-        axes[row][1].set_yscale("log")
-        axes[row][1].legend(fontsize=8)
+    """One variant's row: miss rates (left) and partition load (right) against bits."""
+    metric = f"sharegpt@{SHAREGPT_PAIR_COSINE:.2f}"
+    edits = "edits@0.95"
+    entries = list(results.values())
+    for count in sorted({e["partitions"] for e in entries}):
+        mine = [e for e in entries if e["partitions"] == count]
+        xs = [e["bits"] for e in mine]
+        (line,) = left.plot(
+            xs, [e["miss"][metric] for e in mine], "o-", label=f"{count} partitions"
+        )
+        left.plot(xs, [e["miss"].get(edits) for e in mine], "x--", color=line.get_color())
+        right.plot(xs, [e["load_max_over_mean"] for e in mine], "o-", label=f"{count} partitions")
+        right.axhline(load_floor[str(count)], color=line.get_color(), lw=0.6, ls=":")
+    left.set_title(f"{variant}: near-duplicates split (o {metric}, x {edits})")
+    left.set_xlabel("bits")
+    left.set_ylabel("miss rate vs global index")
+    left.legend(fontsize=8)
+    right.set_title(f"{variant}: max/mean partition load (dotted: random)")
+    right.set_xlabel("bits")
+    right.set_yscale("log")
+    right.legend(fontsize=8)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ from llmflow.client import CLIENT_THROTTLED, LLMFlowClient, new_request
 from llmflow.reports import figure, print_rows, write_report
 from llmflow.stack import Workers
 from schemas.messages import GenerationParams, Status
-from topology.settings import Quota, RateLimit, Rates, Settings, load_settings
+from topology.settings import ClientSettings, Quota, RateLimit, Rates, Settings, load_settings
 
 ADMITTED = {Status.OK.value, Status.CACHED.value, Status.MERGED.value}
 SHED = ("error_rate_limited", "error_overloaded", "error_timeout")
@@ -325,8 +325,9 @@ def run(args: argparse.Namespace) -> int:
         args.intake_pause_backlog_ms or None,
     )
     throttle_k = args.client_throttle_k or None
+    client = {**shed_settings.client.model_dump(), "throttle_k": throttle_k}
     shed_settings = shed_settings.model_copy(
-        update={"client": shed_settings.client.model_copy(update={"throttle_k": throttle_k})}
+        update={"client": ClientSettings.model_validate(client)}
     )
     with stack(shed_settings) as (settings, workers):
         measured = asyncio.run(measure(settings, workers, args, sustainable))

@@ -48,6 +48,7 @@ CLIENT_THROTTLED = "client_throttled"
 
 
 def throttle_for(settings: ClientSettings) -> AdaptiveThrottle | None:
+    """The client's throttle as configured; None where it sends everything."""
     if settings.throttle_k is None:
         return None
     return AdaptiveThrottle(
@@ -62,7 +63,8 @@ def throttled(request: LLMRequest, throttle: AdaptiveThrottle) -> LLMResponse:
     """The answer to a request the client refused itself; it never reached Kafka."""
     message = (
         f"the pipeline is answering overloaded: this client sends about {throttle.k:g} times "
-        f"what it accepted over the last {throttle.window_s:g} s and refused this one itself"
+        f"what the pipeline accepted over the last {throttle.window_s:g} s and refused this "
+        "one itself"
     )
     return LLMResponse(
         id=request.id,
@@ -70,6 +72,10 @@ def throttled(request: LLMRequest, throttle: AdaptiveThrottle) -> LLMResponse:
         status=Status.ERROR,
         error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=CLIENT_THROTTLED, message=message),
     )
+
+
+def refused_here(response: LLMResponse) -> bool:
+    return response.error is not None and response.error.reason == CLIENT_THROTTLED
 
 
 def new_request(prompt: str, tenant: str = "default", **fields: object) -> LLMRequest:
@@ -176,6 +182,11 @@ class Streamed:
         self._wake.set()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def end(self) -> None:
+        """End the stream with its response now, without waiting for chunks."""
+        self._ready.extend(self.order.finish(self.response.result()))
         self._wake.set()
 
     async def chunks(self) -> AsyncGenerator[StreamChunk, None]:
@@ -354,7 +365,8 @@ class LLMFlowClient:
             request.reply_topic = self.reply_topic
         future = self.expect(request.id)
         throttle = self.throttle
-        if throttle is not None and not throttle.admit(request.priority is not Priority.HIGH):
+        refusable = request.priority is not Priority.HIGH
+        if throttle is not None and not throttle.admit(refusable=refusable):
             self._deliver(throttled(request, throttle))
             return future
         await self.send_raw(dump(request), key=request.id.encode())
@@ -364,6 +376,10 @@ class LLMFlowClient:
         future = await self.submit(request)
         try:
             return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            if self.throttle is not None:
+                self.throttle.answered(accepted=False)
+            raise
         finally:
             self._pending.pop(request.id, None)
 
@@ -375,7 +391,9 @@ class LLMFlowClient:
         streamed = Streamed(request.id, self.expect(request.id), timeout)
         self._streams[request.id] = streamed
         try:
-            await self.submit(request)
+            future = await self.submit(request)
+            if future.done() and refused_here(future.result()):
+                streamed.end()  # it never reached Kafka, so no chunk of it will come
             yield streamed
         finally:
             self._streams.pop(request.id, None)

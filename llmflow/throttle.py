@@ -4,14 +4,15 @@ A worker out of capacity answers `overloaded`, but reading and refusing each req
 costs it a Kafka read and a reply. Each client counts, over the last `window_s`, its
 requests that were answered (a refusal of its own included) and those the pipeline
 accepted (answered with anything but `overloaded`), and refuses a new request itself with
-probability
-max(0, (requests - k * accepts) / (requests + 1)). So a client sends about `k` times what
-the pipeline accepts: enough to notice when capacity comes back, and the worker spends the
-rest of its capacity on requests it admits, not on refusals. As in Envoy's admission
-control, a client that sent fewer than `min_requests` in the window refuses nothing (a few
-`overloaded` answers, such as a cold worker's first, say little), and the probability is
-capped at `max_probability`, so some requests always go and see capacity return. A
-request counts once answered, not when sent: a burst of requests still in flight is no
+probability max(0, (requests - k * accepts) / (requests + 1)). So a client sends about `k`
+times what the pipeline accepts: enough to notice when capacity comes back, and the worker
+spends the rest of its capacity on requests it admits, not on refusals. As in Envoy's
+admission control, a client with fewer than `min_requests` answers in the window refuses
+nothing (a few `overloaded` answers, such as a cold worker's first, say little), and the
+probability is capped at `max_probability`, so at least that share of the offered requests
+always goes and sees capacity return: a client sends the larger of k times the accepted
+and (1 - max_probability) times the offered rate. A request counts once answered (a
+caller's own timeout counts as not accepted), not when sent: a burst still in flight is no
 sign of overload. High priority is never refused here, as preprocess never sheds it.
 """
 
@@ -24,12 +25,14 @@ from collections.abc import Callable
 
 
 class AdaptiveThrottle:
+    """One client's counts over the last `window_s`, by whole second, and its decision."""
+
     def __init__(
         self,
         k: float,
         window_s: float,
-        min_requests: int = 0,
-        max_probability: float = 1.0,
+        min_requests: int,
+        max_probability: float,
         clock: Callable[[], float] = time.monotonic,
         draw: Callable[[], float] = random.random,
     ) -> None:
@@ -37,10 +40,9 @@ class AdaptiveThrottle:
         self.window_s = window_s
         self.min_requests = min_requests
         self.max_probability = max_probability
-        self.refused = 0
         self._clock = clock
         self._draw = draw
-        # One [second, requests, accepts] per second with traffic, oldest first.
+        # One [second, requests, accepts] per second asked about, oldest first.
         self._seconds: deque[list[int]] = deque()
         self._requests = 0
         self._accepts = 0
@@ -56,6 +58,7 @@ class AdaptiveThrottle:
         return self._seconds[-1]
 
     def refusal_probability(self) -> float:
+        """The chance that the next refusable request is refused."""
         self._current()
         if self._requests < self.min_requests:
             return 0.0
@@ -65,10 +68,7 @@ class AdaptiveThrottle:
     def admit(self, refusable: bool = True) -> bool:
         """Whether to send a request; one refused must still be counted (`answered`)."""
         probability = self.refusal_probability()
-        if refusable and probability > 0.0 and self._draw() < probability:
-            self.refused += 1
-            return False
-        return True
+        return not (refusable and probability > 0.0 and self._draw() < probability)
 
     def answered(self, accepted: bool) -> None:
         """Count one request's answer: accepted unless it was `overloaded`."""

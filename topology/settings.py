@@ -333,11 +333,12 @@ class Limits(Section):
 class ClientSettings(Section):
     """`LLMFlowClient`'s adaptive throttling (`llmflow.throttle`): it sends about
     `throttle_k` times what the pipeline accepted over the last `throttle_window_s` and
-    answers the rest `overloaded` itself; null (the default): it sends every request. The
-    Google SRE book suggests 2; `llmflow bench overload` measures it."""
+    answers the rest `overloaded` itself, but always sends at least 1 -
+    `throttle_max_probability` of what it is asked to; null (the default): it sends every
+    request. The Google SRE book suggests 2; `llmflow bench overload` measures it."""
 
     throttle_k: float | None = Field(default=None, ge=1.0)
-    throttle_window_s: float = Field(default=10.0, gt=0)
+    throttle_window_s: float = Field(default=10.0, ge=1.0, description="counted by second")
     throttle_min_requests: int = Field(
         default=100, ge=0, description="no refusal while the window holds fewer requests"
     )

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from bench.locality import EDITS, EmbeddingCache, edited_pairs, measure
+from bench.locality import (
+    EDITS,
+    SHAREGPT_PAIR_COSINE,
+    EmbeddingCache,
+    edited_pairs,
+    measure,
+    plot,
+)
 
 PROMPTS = [
     "Write a short poem about the sea and the wind.",
@@ -101,3 +108,22 @@ def test_measure_smoke(tmp_path: Path) -> None:
         progress=False,
     )
     assert again["pairs"]["edits"]["count"] == edits["count"]
+
+
+def test_the_plot_draws_a_row_for_each_variant(tmp_path: Path) -> None:
+    metric = f"sharegpt@{SHAREGPT_PAIR_COSINE:.2f}"
+
+    def entry(partitions: int, bits: int) -> dict[str, object]:
+        miss = {metric: 0.1 * bits, "edits@0.95": 0.05 * bits}
+        return {"partitions": partitions, "bits": bits, "miss": miss, "load_max_over_mean": 1.5}
+
+    report = {
+        "results": {
+            "modulo": {"a": entry(4, 2), "b": entry(4, 4), "c": entry(8, 2)},
+            "kafka": {"a": entry(4, 2)},
+        },
+        "load_floor": {"4": 1.1, "8": 1.2},
+    }
+    target = tmp_path / "locality.png"
+    plot(report, ["modulo", "kafka"], target)
+    assert target.read_bytes().startswith(b"\x89PNG")

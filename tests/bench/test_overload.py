@@ -95,6 +95,7 @@ def test_preprocess_events_are_read_from_each_worker_metrics_endpoint() -> None:
         assert preprocess_events([port, port]) == {"queued_too_long": 6, "accepted": 4}
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_the_plot_draws_memory_and_the_p99_of_each_stage(tmp_path: Path) -> None:

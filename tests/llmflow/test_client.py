@@ -1,10 +1,15 @@
-"""The client's stream reassembly: chunks in order, repeats dropped, the end always comes."""
+"""The client's stream reassembly (chunks in order, repeats dropped, the end always
+comes), its throttle, and which answers it reads."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from llmflow.client import (
     CLIENT_THROTTLED,
@@ -16,7 +21,15 @@ from llmflow.client import (
     throttle_for,
 )
 from llmflow.throttle import AdaptiveThrottle
-from schemas.messages import ErrorCode, ErrorInfo, LLMResponse, Priority, Status, StreamChunk
+from schemas.messages import (
+    ErrorCode,
+    ErrorInfo,
+    LLMResponse,
+    Priority,
+    Status,
+    StreamChunk,
+    dump,
+)
 from topology.settings import ClientSettings, Settings
 
 
@@ -102,10 +115,13 @@ async def test_no_answer_in_time_raises_timeout() -> None:
 
 
 class RecordingClient(LLMFlowClient):
-    """A client that records what it would publish instead of publishing it."""
+    """A client that records what it would publish instead of publishing it, and reads no
+    stream topic; its throttle (k = `k`, no minimum, no cap) draws 0, so it refuses
+    whenever the refusal probability is above 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, k: float = 2.0) -> None:
         super().__init__(Settings())
+        self.throttle = AdaptiveThrottle(k, 10.0, 0, 1.0, draw=lambda: 0.0)
         self.sent: list[bytes | None] = []
 
     async def send_raw(
@@ -113,11 +129,14 @@ class RecordingClient(LLMFlowClient):
     ) -> None:
         self.sent.append(key)
 
+    async def start_streams(self) -> None:
+        return None
+
 
 def refusing_client() -> RecordingClient:
-    """A client whose throttle has seen only `overloaded` answers: it refuses all it may."""
+    """A client whose throttle has seen only 100 `overloaded` answers."""
     client = RecordingClient()
-    client.throttle = AdaptiveThrottle(2.0, 10.0, draw=lambda: 0.0)
+    assert client.throttle is not None
     for _ in range(100):
         client.throttle.answered(accepted=False)
     return client
@@ -125,15 +144,13 @@ def refusing_client() -> RecordingClient:
 
 async def test_a_request_the_throttle_refuses_is_answered_overloaded_by_the_client() -> None:
     client = refusing_client()
-    assert client.throttle is not None
-    refused = client.throttle.refused
     future = await client.submit(new_request("hello"))
     response = future.result()
     assert response.status is Status.ERROR and response.error is not None
     assert response.error.code is ErrorCode.OVERLOADED
-    assert response.error.reason == CLIENT_THROTTLED
-    assert client.throttle.refused == refused + 1 and client.sent == []
-    assert client.throttle._requests == 101, "a refusal counts as an overloaded answer"
+    assert response.error.reason == CLIENT_THROTTLED and client.sent == []
+    assert client.throttle is not None
+    assert client.throttle.refusal_probability() == 101 / 102, "counted as overloaded"
 
 
 async def test_a_high_priority_request_is_sent_even_when_the_throttle_refuses() -> None:
@@ -143,15 +160,71 @@ async def test_a_high_priority_request_is_sent_even_when_the_throttle_refuses() 
     assert client.sent == [request.id.encode()] and not future.done()
 
 
-async def test_answers_other_than_overloaded_count_as_accepted() -> None:
-    client = LLMFlowClient(Settings(client=ClientSettings(throttle_k=2.0)))
-    assert client.throttle is not None
+async def test_a_refused_stream_ends_at_once_with_its_error() -> None:
+    client = refusing_client()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client.stream(new_request("hello"), timeout=5.0) as streamed:
+        got = await collect(streamed)
+    assert loop.time() - started < STREAM_GRACE_S / 2
+    assert len(got) == 1 and got[0].done and got[0].error is not None
+    assert got[0].error.reason == CLIENT_THROTTLED
+
+
+async def test_answers_other_than_overloaded_count_as_accepted_each_once() -> None:
+    client = RecordingClient(k=1.0)
     for request_id, error in (("a", None), ("b", LIMITED), ("c", OVERLOADED)):
         client.expect(request_id)
         status = Status.OK if error is None else Status.ERROR
         client._deliver(LLMResponse(id=request_id, status=status, error=error))
     client._deliver(LLMResponse(id="a", status=Status.OK))
-    assert (client.throttle._requests, client.throttle._accepts) == (3, 2)
+    assert client.throttle is not None
+    assert client.throttle.refusal_probability() == (3 - 2) / (3 + 1)
+
+
+async def test_a_call_that_times_out_counts_as_not_accepted() -> None:
+    client = RecordingClient(k=1.0)
+    with pytest.raises(TimeoutError):
+        await client.call(new_request("hello"), timeout=0.01)
+    assert client.throttle is not None and client.throttle.refusal_probability() == 0.5
+
+
+@dataclass
+class Record:
+    key: bytes | None
+    value: bytes
+
+
+class Records:
+    """Records as the client's consumer would yield them."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+
+    async def __aiter__(self) -> AsyncIterator[Record]:
+        for record in self.records:
+            yield record
+
+
+async def test_answers_keyed_to_requests_the_client_does_not_wait_for_are_skipped() -> None:
+    client = RecordingClient()
+    waiting = client.expect("a")
+    unkeyed = client.expect("b")
+    wrong = LLMResponse(id="a", status=Status.ERROR, error=OVERLOADED)
+    client._consumer = cast(
+        AIOKafkaConsumer,
+        Records(
+            [
+                Record(b"someone-else", dump(wrong)),
+                Record(b"a", dump(LLMResponse(id="a", status=Status.OK, output="hi"))),
+                Record(None, dump(LLMResponse(id="b", status=Status.OK))),
+                Record(b"a", dump(LLMResponse(id="a", status=Status.OK))),
+            ]
+        ),
+    )
+    await client._listen()
+    assert waiting.result().output == "hi" and unkeyed.result().status is Status.OK
+    assert client.duplicates == 1
 
 
 def test_the_throttle_follows_the_client_settings() -> None:
