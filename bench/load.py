@@ -35,6 +35,7 @@ NEAR_DUPLICATE_PHRASES = (
     " I would appreciate a clear answer.",
     " Please explain.",
 )
+LAG_PROBE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,13 @@ class Sample:
 @dataclass(frozen=True)
 class LoadRun:
     """The samples of one open-loop run at `target_rps`; `scheduled_rps` is the rate its
-    Poisson schedule came out at (a short run's differs from the target by chance)."""
+    Poisson schedule came out at (a short run's differs from the target by chance);
+    `loop_lag_ms`, how late the sender's event loop woke during the run (`loop_lags`)."""
 
     target_rps: float
     samples: list[Sample]
     scheduled_rps: float = 0.0
+    loop_lag_ms: list[float] = field(default_factory=list)
 
     @property
     def sent_rps(self) -> float:
@@ -246,6 +249,16 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
 Send = Callable[[WorkItem], Awaitable[Outcome]]
 
 
+async def loop_lags(into: list[float]) -> None:
+    """How late the loop wakes from a short sleep, in ms, appended until cancelled: a late
+    loop sends late and reads answers late, and the latencies measured include that."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asleep_at = loop.time()
+        await asyncio.sleep(LAG_PROBE_S)
+        into.append((loop.time() - asleep_at - LAG_PROBE_S) * 1000.0)
+
+
 async def open_loop(
     send: Send,
     items: Sequence[WorkItem],
@@ -279,6 +292,8 @@ async def open_loop(
         return Sample(item, sent_at, time.time(), outcome)
 
     tasks: list[asyncio.Task[Sample]] = []
+    lags: list[float] = []
+    watcher = asyncio.create_task(loop_lags(lags))
     arrival = first = last = loop.time()
     try:
         for item in items:
@@ -288,11 +303,11 @@ async def open_loop(
             arrival += rng.expovariate(rate_rps)
         samples = await asyncio.gather(*tasks)
     finally:
-        for task in tasks:
+        for task in [*tasks, watcher]:
             task.cancel()
         bar.close()
     scheduled = (len(items) - 1) / (last - first) if last > first else rate_rps
-    return LoadRun(rate_rps, list(samples), scheduled)
+    return LoadRun(rate_rps, list(samples), scheduled, lags)
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,7 @@ def shedding(run: LoadRun, unloaded_p99_ms: float) -> dict[str, Any]:
         "unanswered": sum(1 for s in run.samples if not s.answered),
         "admitted_latency_ms": summary_ms(admitted),
         "admitted_stage_ms": admitted_run.stage_summaries_ms(),
+        "client_loop_lag_ms": summary_ms(run.loop_lag_ms),
         "admitted_p99_over_unloaded_p99": round(p99 / unloaded_p99_ms, 2)
         if unloaded_p99_ms
         else None,
@@ -252,6 +253,7 @@ async def measure(
             "statuses": unloaded.statuses(),
             "latency_ms": summary_ms(unloaded.latencies_ms()),
             "stage_ms": unloaded.stage_summaries_ms(),
+            "client_loop_lag_ms": summary_ms(unloaded.loop_lag_ms),
         },
         "overload": shedding(overload, unloaded_p99),
         "preprocess_events": dict(sorted((after - before).items())),
@@ -367,6 +369,11 @@ def print_report(report: dict[str, Any]) -> None:
         ("unloaded p50 / p99 ms", _p50_p99(report["unloaded"]["latency_ms"])),
         ("admitted p50 / p99 ms", _p50_p99(overload["admitted_latency_ms"])),
         ("admitted p99 / unloaded p99", overload["admitted_p99_over_unloaded_p99"]),
+        (
+            "bench client loop lag p50 / p99 ms, unloaded | overload",
+            f"{_p50_p99(report['unloaded']['client_loop_lag_ms'])} | "
+            f"{_p50_p99(overload['client_loop_lag_ms'])}",
+        ),
         *(
             (
                 f"stage {stage} p50 / p99 ms, unloaded | admitted",

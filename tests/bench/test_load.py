@@ -1,4 +1,5 @@
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -114,6 +115,20 @@ def test_open_loop_sends_at_about_the_asked_rate() -> None:
 
     run = asyncio.run(open_loop(send, items, rate_rps=1000, seed=9, progress=False))
     assert 600 < run.sent_rps < 1600
+
+
+def test_open_loop_records_how_late_the_sender_loop_woke() -> None:
+    items = build_workload(WorkloadSpec(count=20, seed=3), PROMPTS)
+
+    async def send(item: WorkItem) -> Outcome:
+        if item.id.endswith("-10"):
+            time.sleep(0.08)  # noqa: ASYNC251 - holds the loop, as a busy sender does
+        await asyncio.sleep(0.03)
+        return Outcome("ok")
+
+    run = asyncio.run(open_loop(send, items, rate_rps=200, seed=1, progress=False))
+    assert run.loop_lag_ms and max(run.loop_lag_ms) >= 60.0
+    assert percentile(run.loop_lag_ms, 0.5) < 20.0
 
 
 def run_with(rate: float, latency_ms: float, answered: bool = True) -> LoadRun:
