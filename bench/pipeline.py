@@ -179,6 +179,7 @@ def run_summary(run: LoadRun) -> dict[str, Any]:
         "overhead_p50_ms": overhead["p50"],
         "overhead_p99_ms": overhead["p99"],
         "stage_ms": run.stage_summaries_ms(),
+        "client_loop_lag_ms": summary_ms(run.loop_lag_ms),
     }
 
 
@@ -322,6 +323,7 @@ COMPARED = (
     ("worker CPU ms/request", ("cpu_ms_per_request", "workers")),
     ("all CPU ms/request", ("cpu_ms_per_request", "all")),
     ("CPU-bound req/s", "cpu_bound_rps"),
+    ("client loop lag p99 ms", ("client_loop_lag_ms", "p99")),
 )
 
 

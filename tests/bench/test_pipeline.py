@@ -89,6 +89,8 @@ def test_run_summary_has_the_reported_keys_and_overhead_net_of_the_provider() ->
     assert report["stage_ms"] == {
         "dedup": {"p50": 1.0, "p95": 1.0, "p99": 1.0, "max": 1.0, "mean": 1.0, "count": 10}
     }
+    lagging = LoadRun(1.0, [], loop_lag_ms=[0.5] * 99 + [40.0])
+    assert run_summary(lagging)["client_loop_lag_ms"]["max"] == 40.0
 
 
 def test_comparison_prints_every_run_and_each_later_one_over_the_first() -> None:
