@@ -133,7 +133,7 @@ def measure_broker(kind: str, args: argparse.Namespace) -> list[Step]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    with figure(path, 1, 2, figsize=(11, 4)) as (_, axes):
+    with figure(path, 1, 2, figsize=(11, 4)) as axes:
         for kind, result in report["brokers"].items():
             records = [s["records"] for s in result["steps"]]
             cpu = [s["cpu_ms_per_round"] for s in result["steps"]]

@@ -483,7 +483,7 @@ def compare(report: dict[str, Any], thresholds: Sequence[float]) -> str:
 
 def plot(report: dict[str, Any], variants: Sequence[str], path: Path) -> None:
     size = (11, 3.6 * len(variants))
-    with figure(path, len(variants), 2, figsize=size, squeeze=False) as (_, axes):
+    with figure(path, len(variants), 2, figsize=size, squeeze=False) as axes:
         for variant, (left, right) in zip(variants, axes, strict=True):
             _plot_variant(report["results"][variant], report["load_floor"], variant, left, right)
 

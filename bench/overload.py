@@ -402,7 +402,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "end to end": (unloaded["latency_ms"], overload["admitted_latency_ms"]),
         **{s: (unloaded["stage_ms"][s], overload["admitted_stage_ms"][s]) for s in stages},
     }
-    with figure(path, 1, 2, figsize=(12, 4.5)) as (_, (memory, latency)):
+    with figure(path, 1, 2, figsize=(12, 4.5)) as (memory, latency):
         seconds = [s for s, _ in report["rss_mb_over_time"]]
         memory.plot(seconds, [mb for _, mb in report["rss_mb_over_time"]], "-")
         memory.set(

@@ -249,7 +249,7 @@ def rows(comparison: Comparison) -> list[tuple[str, str, str]]:
 def png(images: dict[str, str], name: str, *grid: int, **options: Any) -> Iterator[Any]:
     """Draw on the axes given, then keep the figure in `images[name]` as a base64 PNG."""
     buffer = io.BytesIO()
-    with figure(buffer, *grid, dpi=100, **options) as (_, axes):
+    with figure(buffer, *grid, dpi=100, **options) as axes:
         yield axes
     images[name] = base64.b64encode(buffer.getvalue()).decode()
 

@@ -27,11 +27,10 @@ def write_report(
 
 
 @contextlib.contextmanager
-def figure(
-    target: Path | IO[bytes], *grid: int, dpi: int = 110, **options: Any
-) -> Iterator[tuple[Any, Any]]:
-    """`plt.subplots(*grid, **options)` drawn off-screen (no display here), laid out and
-    saved to `target` as a PNG when the block ends, and closed either way."""
+def figure(target: Path | IO[bytes], *grid: int, dpi: int = 110, **options: Any) -> Iterator[Any]:
+    """The axes of `plt.subplots(*grid, **options)`, drawn off-screen (no display here);
+    the figure is laid out and saved to `target` as a PNG when the block ends, and closed
+    either way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +38,7 @@ def figure(
 
     drawn, axes = plt.subplots(*grid, **options)
     try:
-        yield drawn, axes
+        yield axes
         drawn.tight_layout()
         drawn.savefig(target, format="png", dpi=dpi)
     finally:

@@ -278,7 +278,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     """Precision and recall, and the hard-negative false-hit rate, against the threshold."""
     parts = report.get("splits", {"all": report})
     size = (12, 4.5 * len(parts))
-    with figure(path, len(parts), 2, dpi=120, figsize=size, squeeze=False) as (_, axes):
+    with figure(path, len(parts), 2, dpi=120, figsize=size, squeeze=False) as axes:
         for (name, part), (left, right) in zip(parts.items(), axes, strict=True):
             _plot_part(part, name, left, right)
 

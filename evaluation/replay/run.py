@@ -457,7 +457,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     color = {name: f"C{i}" for i, name in enumerate(paths)}  # one colour a path, both panels
     groups = {"all": records, **{k: [r for r in records if r["kind"] == k] for k in KINDS}}
     groups = {name: rows for name, rows in groups.items() if rows}
-    with figure(path, 1, 2, dpi=120, figsize=(13, 4.5)) as (_, (left, right)):
+    with figure(path, 1, 2, dpi=120, figsize=(13, 4.5)) as (left, right):
         offsets = [0.0] * len(groups)
         for name in (p for p in paths if p in present):
             shares = [sum(r["path"] == name for r in rows) / len(rows) for rows in groups.values()]

@@ -235,7 +235,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Accuracy against cost (a share of always-large's): the router and cascade sweeps as
     lines, the other policies as points, the target as a shaded corner."""
-    with figure(path, dpi=120, figsize=(7, 5)) as (_, axes):
+    with figure(path, dpi=120, figsize=(7, 5)) as axes:
         for prefix in ("router@", "cascade@"):
             sweep = sorted(
                 (r for r in rows if r["name"].startswith(prefix)), key=lambda r: r["cost_share"]
