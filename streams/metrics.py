@@ -414,7 +414,8 @@ def serve(port: int) -> None:
 router_model_feedback = Counter(
     "llmflow_router_model_feedback_total",
     "Feedback events by the arm whose router model routed the request (incumbent or "
-    "candidate; unjoined: no routed record here) and outcome (good, bad, unlabelled)",
+    "candidate; unjoined: its routed record did not come in time, was another tenant's or "
+    "was used up) and outcome (good, bad, unlabelled)",
     ["arm", "outcome"],
 )
 router_model_rollouts = Counter(

@@ -635,6 +635,9 @@ class FeedbackSettings(Section):
 
     enabled: bool = True
     max_routed: int = Field(default=100_000, ge=1, description="per worker, least recent go")
+    early_wait_s: float = Field(
+        default=60.0, gt=0, description="how long feedback read before its record waits for it"
+    )
     max_examples: int = Field(default=10_000, ge=1)
     train_after: int = Field(default=500, ge=1)
     train_steps: int = Field(default=200, ge=1)

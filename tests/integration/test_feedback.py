@@ -94,7 +94,9 @@ def metric(port: int, name: str, **labels: str) -> float:
 async def until(port: int, wanted: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while not wanted():
-        assert time.monotonic() < deadline, f"{what}: not seen in {DEADLINE_S} s"
+        if time.monotonic() > deadline:
+            learning = {k: v for k, v in scrape(port).items() if "router_model" in k[0]}
+            raise AssertionError(f"{what}: not seen in {DEADLINE_S} s; {learning}")
         await asyncio.sleep(0.2)
 
 
