@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from agents.breaker import Breakers, BreakerState, CircuitBreaker, FailureWindow, Outcome
+from tests.clock import FakeClock
 from topology.settings import BreakerSettings
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def breaker(clock: Clock, **limits: float) -> tuple[CircuitBreaker, list[BreakerState]]:
+def breaker(clock: FakeClock, **limits: float) -> tuple[CircuitBreaker, list[BreakerState]]:
     values = {"window_s": 10.0, "min_calls": 4, "failure_rate": 0.5, "cooldown_s": 5.0, **limits}
     changes: list[BreakerState] = []
     return CircuitBreaker(BreakerSettings.model_validate(values), clock, changes.append), changes
@@ -36,7 +29,7 @@ def call(b: CircuitBreaker, outcome: Outcome) -> bool:
 
 
 def test_closed_until_enough_calls_fail_then_open() -> None:
-    b, changes = breaker(Clock())
+    b, changes = breaker(FakeClock())
     for _ in range(3):
         assert call(b, Outcome.FAILURE)
     assert state(b) is BreakerState.CLOSED  # three failures, but fewer than min_calls calls
@@ -47,7 +40,7 @@ def test_closed_until_enough_calls_fail_then_open() -> None:
 
 
 def test_it_opens_when_the_share_of_failures_reaches_the_rate() -> None:
-    b, _ = breaker(Clock())
+    b, _ = breaker(FakeClock())
     for outcome in (Outcome.FAILURE, Outcome.SUCCESS, Outcome.SUCCESS, Outcome.SUCCESS):
         call(b, outcome)
     call(b, Outcome.FAILURE)
@@ -57,14 +50,14 @@ def test_it_opens_when_the_share_of_failures_reaches_the_rate() -> None:
 
 
 def test_a_failure_rate_below_the_threshold_keeps_it_closed() -> None:
-    b, _ = breaker(Clock())
+    b, _ = breaker(FakeClock())
     for i in range(100):
         call(b, Outcome.FAILURE if i % 3 == 2 else Outcome.SUCCESS)
     assert state(b) is BreakerState.CLOSED
 
 
 def test_max_failures_opens_it_whatever_the_rate() -> None:
-    b, _ = breaker(Clock(), max_failures=3)
+    b, _ = breaker(FakeClock(), max_failures=3)
     for _ in range(50):
         call(b, Outcome.SUCCESS)
     for _ in range(3):
@@ -73,7 +66,7 @@ def test_max_failures_opens_it_whatever_the_rate() -> None:
 
 
 def test_failures_older_than_the_window_are_forgotten() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b, _ = breaker(clock)
     for _ in range(3):
         call(b, Outcome.FAILURE)
@@ -85,7 +78,7 @@ def test_failures_older_than_the_window_are_forgotten() -> None:
 
 
 def test_abandoned_calls_do_not_count() -> None:
-    b, _ = breaker(Clock())
+    b, _ = breaker(FakeClock())
     for _ in range(10):
         call(b, Outcome.ABANDONED)
     assert b.window.counts(1000.0) == (0, 0)
@@ -99,7 +92,7 @@ def trip(b: CircuitBreaker) -> None:
 
 
 def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b, changes = breaker(clock)
     trip(b)
     clock.now += 4.9
@@ -116,7 +109,7 @@ def test_after_the_cooldown_one_probe_goes_through_and_its_success_closes_it() -
 
 
 def test_a_failed_probe_opens_it_for_another_cooldown() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b, _ = breaker(clock)
     trip(b)
     clock.now += 5.0
@@ -131,7 +124,7 @@ def test_a_failed_probe_opens_it_for_another_cooldown() -> None:
 
 
 def test_an_abandoned_probe_frees_its_slot_and_leaves_it_half_open() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b, _ = breaker(clock, half_open_probes=2)
     trip(b)
     clock.now += 5.0
@@ -143,7 +136,7 @@ def test_an_abandoned_probe_frees_its_slot_and_leaves_it_half_open() -> None:
 
 
 def test_calls_let_through_before_it_opened_do_not_close_it() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b, _ = breaker(clock)
     early = b.allow()
     assert early is not None and not early.probe
@@ -163,7 +156,7 @@ def test_the_window_keeps_a_fixed_number_of_buckets() -> None:
 
 
 def test_breakers_are_per_deployment_and_report_their_model() -> None:
-    clock = Clock()
+    clock = FakeClock()
     changes: list[tuple[str, BreakerState]] = []
     settings = BreakerSettings(min_calls=2, failure_rate=0.5)
     breakers = Breakers(settings, clock, lambda model, state: changes.append((model, state)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from agents.feedback import FeedbackJoin, good_of
 from schemas.messages import FeedbackEvent, RoutedRecord
 from streams import metrics
+from tests.clock import FakeClock
 
 
 def routed(request_id: str, tenant: str = "acme", candidate: bool = False) -> RoutedRecord:
@@ -20,18 +21,10 @@ def routed(request_id: str, tenant: str = "acme", candidate: bool = False) -> Ro
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def new_join(
-    max_routed: int = 10, wait_s: float = 60.0, clock: Clock | None = None
+    max_routed: int = 10, wait_s: float = 60.0, clock: FakeClock | None = None
 ) -> FeedbackJoin:
-    return FeedbackJoin(max_routed, wait_s, clock or Clock())
+    return FeedbackJoin(max_routed, wait_s, clock or FakeClock())
 
 
 def unjoined(outcome: str) -> float:
@@ -79,7 +72,7 @@ def test_feedback_read_before_its_record_joins_when_the_record_comes() -> None:
 
 
 def test_waiting_feedback_is_counted_unjoined_after_wait_s_or_past_the_bound() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     join = new_join(max_routed=2, wait_s=5.0, clock=clock)
     before = unjoined("bad")
     join.join(feedback("a", correct=False))

@@ -8,24 +8,17 @@ from collections.abc import Callable
 import pytest
 
 from llmflow.throttle import AdaptiveThrottle
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 def throttle_of(
     draw: Callable[[], float],
-    clock: Clock | None = None,
+    clock: FakeClock | None = None,
     min_requests: int = 0,
     max_probability: float = 1.0,
 ) -> AdaptiveThrottle:
     """k = 2 over 10 s; no minimum and no cap unless given."""
-    return AdaptiveThrottle(2.0, 10.0, min_requests, max_probability, clock or Clock(), draw)
+    return AdaptiveThrottle(2.0, 10.0, min_requests, max_probability, clock or FakeClock(), draw)
 
 
 def overloaded(throttle: AdaptiveThrottle, count: int) -> None:
@@ -80,7 +73,7 @@ def test_high_priority_is_never_refused() -> None:
 
 
 def test_counts_older_than_the_window_are_forgotten() -> None:
-    clock = Clock()
+    clock = FakeClock()
     throttle = throttle_of(lambda: 0.0, clock)
     overloaded(throttle, 500)
     assert throttle.refusal_probability() > 0.99
@@ -92,7 +85,7 @@ def test_counts_older_than_the_window_are_forgotten() -> None:
 
 
 def test_a_client_with_fewer_answers_than_the_minimum_refuses_none() -> None:
-    clock = Clock()
+    clock = FakeClock()
     throttle = throttle_of(lambda: 0.0, clock, min_requests=50)
     overloaded(throttle, 49)
     assert throttle.admit()
@@ -117,7 +110,7 @@ def test_under_overload_the_client_sends_k_times_the_accepted_or_the_capped_shar
     """1,000 requests a second offered; the pipeline accepts `accepted_per_s` of those sent
     and answers the rest `overloaded`; a refused request is counted as answered. The
     client sends the larger of k = 2 times the accepted and 1 - max_probability of 1,000."""
-    clock = Clock()
+    clock = FakeClock()
     throttle = throttle_of(random.Random(7).random, clock, max_probability=max_probability)
     sent_per_second = []
     for _ in range(60):
