@@ -118,6 +118,9 @@ def build_workload(spec: WorkloadSpec, prompts: Sequence[str] | None = None) -> 
     return items
 
 
+OUTSIDE_STAGES = "outside"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What a sender learnt from one answer: its status (ok, cached, merged, error_<code>),
@@ -212,11 +215,17 @@ class LoadRun:
         return dict(sorted(counts.items()))
 
     def stage_ms(self) -> dict[str, list[float]]:
-        """Each stage's times over the answers that passed it."""
+        """Each stage's times over the answers that passed it, and under `OUTSIDE_STAGES`
+        what their latency spent in none: the request's way to the broker before
+        preprocess's clock starts at its record's timestamp, and the answer's way back."""
         stages: dict[str, list[float]] = {}
         for sample in self.samples:
             for stage, spent in sample.outcome.stage_ms.items():
                 stages.setdefault(stage, []).append(spent)
+            latency = sample.latency_ms
+            if latency is not None and sample.outcome.stage_ms:
+                outside = latency - sum(sample.outcome.stage_ms.values())
+                stages.setdefault(OUTSIDE_STAGES, []).append(outside)
         return stages
 
     def stage_summaries_ms(self) -> dict[str, dict[str, float]]:

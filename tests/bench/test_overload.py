@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from bench.load import LoadRun, Outcome, Sample, WorkItem
+from bench.load import OUTSIDE_STAGES, LoadRun, Outcome, Sample, WorkItem
 from bench.overload import (
     MemoryTrend,
     limited,
@@ -78,9 +78,10 @@ def test_shedding_gives_the_admitted_requests_stage_times_only() -> None:
         Sample(item, 0.0, 0.01, Outcome("error_overloaded", None, {"preprocess": 51.0})),
     ]
     stages = shedding(LoadRun(50.0, samples), 100.0)["admitted_stage_ms"]
-    assert set(stages) == {"batch", "infer"}
+    assert set(stages) == {"batch", "infer", OUTSIDE_STAGES}
     assert stages["batch"]["count"] == 2 and stages["batch"]["max"] == 8.0
     assert stages["infer"]["p50"] == 60.0
+    assert (stages[OUTSIDE_STAGES]["p50"], stages[OUTSIDE_STAGES]["max"]) == (36.0, 92.0)
 
 
 def test_preprocess_events_are_read_from_each_worker_metrics_endpoint() -> None:
