@@ -1,4 +1,5 @@
 import asyncio
+import gc
 import time
 from collections import Counter
 
@@ -132,6 +133,21 @@ def test_open_loop_records_how_late_the_sender_loop_woke() -> None:
     run = asyncio.run(open_loop(send, items, rate_rps=200, seed=1, progress=False))
     assert run.loop_lag_ms and max(run.loop_lag_ms) >= 60.0
     assert percentile(run.loop_lag_ms, 0.5) < 20.0
+
+
+def test_open_loop_sends_with_the_cyclic_collector_paused() -> None:
+    """Its full collections stalled the sender's loop up to 280 ms in an overload run."""
+    items = build_workload(WorkloadSpec(count=10, seed=2), PROMPTS)
+    collecting: list[bool] = []
+
+    async def send(item: WorkItem) -> Outcome:
+        collecting.append(gc.isenabled())
+        return Outcome("ok")
+
+    assert gc.isenabled()
+    asyncio.run(open_loop(send, items, rate_rps=500, seed=1, progress=False))
+    assert collecting == [False] * 10
+    assert gc.isenabled()
 
 
 def run_with(rate: float, latency_ms: float, answered: bool = True) -> LoadRun:
