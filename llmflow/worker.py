@@ -3,6 +3,7 @@ the metrics endpoint."""
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import faust
@@ -23,6 +24,14 @@ class Worker(faust.Worker):
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         super().on_setup_root_logger(logger, level)
         logger.setLevel(level or logging.WARNING)
+
+    async def on_startup_finished(self) -> None:
+        """What is alive once started (modules, models, the app) lives as long as the
+        worker: moved out of the cyclic collector's reach, a full collection no longer
+        walks it. Before, one stalled the event loop 93 ms under load (gc.callbacks)."""
+        await super().on_startup_finished()
+        gc.collect()
+        gc.freeze()
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:
