@@ -303,13 +303,13 @@ async def open_loop(
 
     tasks: list[asyncio.Task[Sample]] = []
     lags: list[float] = []
-    watcher = asyncio.create_task(loop_lags(lags))
-    arrival = first = last = loop.time()
     # The sender's own full collections, over every sample and item it holds, stalled its
     # loop 50 to 280 ms in an overload run (gc.callbacks), so the answers it timed came
-    # late: none run while it sends.
+    # late: none run while it sends, and the last one runs before the schedule starts.
     gc.collect()
     gc.disable()
+    watcher = asyncio.create_task(loop_lags(lags))
+    arrival = first = last = loop.time()
     try:
         for item in items:
             await asyncio.sleep(max(0.0, arrival - loop.time()))
