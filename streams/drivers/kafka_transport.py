@@ -38,6 +38,7 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, EventT, FutureMessage, Message, RecordMetadata
 from faust.types.core import HeadersArg
+from faust.types.tuples import ack_lock
 
 SCHEME = "llmflow-kafka"
 # A partition read again from an offset passed over is read again once more if it still
@@ -244,6 +245,33 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
         self._seeks.add(task)
         task.add_done_callback(self._seeks.discard)
 
+    def ack(self, message: Message) -> bool:
+        """Under exactly-once, an event read before the last rebalance counts for no commit:
+        its outputs were dropped or refused then, and the seek back to the commit reads it
+        again."""
+        if self.in_transaction and message.generation_id != self.app.consumer_generation_id:
+            with ack_lock:
+                message.acked = True
+                self._unacked_messages.discard(message)
+            return False
+        return bool(super().ack(message))
+
+    def forget_acks(self) -> None:
+        """Drop every ack not yet committed, with the offsets seen jumped over: under
+        exactly-once a rebalance drops the outputs of those events, so a commit past them
+        would lose them. faust's revocation ends with a commit, but one made while the
+        periodic commit runs only waits for that one (under exactly-once it runs all the
+        time, every 100 ms), so acks made while the streams emptied stayed, and the next
+        commit after the seek back went past those events before they were read again."""
+        with ack_lock:
+            for tp, acked in self._acked.items():
+                if acked:
+                    log.info("forgot %d acks of %s, uncommitted at a rebalance", len(acked), tp)
+            self._acked.clear()
+            self._acked_index.clear()
+            self._gap.clear()
+            self._n_acked = 0
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ShortWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -425,7 +453,8 @@ class EventTransactions(TransactionManager):
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
-        """Every held output goes: a revoked partition's new owner redoes its events, and a
+        """Every held output goes, and every ack not committed with it: a revoked
+        partition's new owner redoes its events, and a
         kept partition is seeked back to its commit, below every held output's event, so
         this worker redoes them (keeping them answered those requests twice, in one
         committed transaction). A revoked partition's producer stops too: faust stops only
@@ -439,6 +468,7 @@ class EventTransactions(TransactionManager):
             if dropped:
                 log.info("dropped %d outputs of %s, uncommitted at a rebalance", len(dropped), tp)
         self._deferred.clear()
+        cast(ShortWaitConsumer, self.consumer).forget_acks()
         producer = cast(TransactionalProducer, self.producer)
         kept = self._tps_to_transactional_ids(assigned)
         await self._stop_transactions(sorted(producer.transactional_ids() - kept))

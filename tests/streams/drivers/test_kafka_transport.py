@@ -146,6 +146,7 @@ def transactions(held: set[str]) -> tuple[kafka_transport.EventTransactions, Pro
     )
     cast(PartitionAssignor, app.assignor)._topic_groups = {"in": 0, "out": 0}
     producer = Producer(held)
+    app.consumer.in_transaction = True  # as in a worker
     manager = cast(kafka_transport.EventTransactions, app.consumer.transactions)
     manager.producer = cast(ProducerT, producer)
     return manager, producer
@@ -224,6 +225,52 @@ async def test_a_send_for_an_event_read_before_the_last_rebalance_is_refused() -
         await manager.send("out", b"k", b"current", 3, None, None)
     await manager.commit({TP("in", 1): 11})
     assert producer.sent == [(b"current", "eos-0-1")]
+
+
+async def handled(
+    manager: kafka_transport.EventTransactions, offsets: range, generation: int
+) -> Any:
+    """The worker's consumer after reading `offsets` of partition 1 of "in" in
+    `generation`, sending an output for each and acking it."""
+    consumer: Any = manager.app.consumer
+    cast(Conductor, manager.app.topics)._acking_topics.add("in")
+    manager.app.consumer_generation_id = generation
+    for offset in offsets:
+        read = event(1, offset, generation)
+        consumer.track_message(read.message)
+        with kafka_transport.on_behalf_of(read):
+            await manager.send("out", b"k", str(generation).encode(), 3, None, None)
+        consumer.ack(read.message)
+    return consumer
+
+
+async def test_a_rebalance_forgets_the_acks_of_the_outputs_it_drops() -> None:
+    """The acks made while faust's revocation waited for the streams stayed uncommitted
+    when a periodic commit was running: after the seek back to the commit, the next commit
+    went past those events before they were read again, and their answers never came."""
+    manager, producer = transactions({"eos-0-1"})
+    consumer = await handled(manager, range(10, 12), generation=1)
+    await manager.on_rebalance({TP("in", 1)}, set(), set())
+    consumer._committed_offset[TP("in", 1)] = 10  # the seek back to the commit
+    assert consumer._filter_committable_offsets([TP("in", 1)]) == {}
+    await handled(manager, range(10, 12), generation=2)
+    offsets = consumer._filter_committable_offsets([TP("in", 1)])
+    assert offsets == {TP("in", 1): 12}
+    await manager.commit(offsets)
+    assert producer.sent == [(b"2", "eos-0-1"), (b"2", "eos-0-1")]
+
+
+async def test_an_ack_of_an_event_read_before_the_last_rebalance_commits_nothing() -> None:
+    manager, _producer = transactions({"eos-0-1"})
+    consumer: Any = manager.app.consumer
+    cast(Conductor, manager.app.topics)._acking_topics.add("in")
+    manager.app.consumer_generation_id = 2
+    late = event(1, 10, generation=1).message
+    consumer.track_message(late)
+    consumer._committed_offset[TP("in", 1)] = 10
+    assert not consumer.ack(late)
+    assert late.acked
+    assert consumer._filter_committable_offsets([TP("in", 1)]) == {}
 
 
 def test_stream_partitions_without_a_commit_above_zero_go_back_to_their_start() -> None:
