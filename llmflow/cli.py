@@ -35,6 +35,7 @@ from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import KafkaBroker, RedisServer, TansuBroker
 from llmflow.client import LLMFlowClient, new_request, request_status
 from llmflow.demo import run_demo
+from llmflow.heap import freeze_startup_heap
 from llmflow.stack import SimulatedProvider, Workers
 from schemas.export import write_json_schemas
 from schemas.messages import FeedbackEvent
@@ -264,6 +265,7 @@ async def _serve(settings: Settings) -> None:
             "Ctrl-C stops",
             flush=True,
         )
+        freeze_startup_heap()
         await _until_signal()
 
 

@@ -3,11 +3,11 @@ the metrics endpoint."""
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import faust
 
+from llmflow.heap import freeze_startup_heap
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import Settings
@@ -26,12 +26,8 @@ class Worker(faust.Worker):
         logger.setLevel(level or logging.WARNING)
 
     async def on_startup_finished(self) -> None:
-        """What is alive once started (modules, models, the app) lives as long as the
-        worker: moved out of the cyclic collector's reach, a full collection no longer
-        walks it. Before, one stalled the event loop 93 ms under load (gc.callbacks)."""
         await super().on_startup_finished()
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
 
 
 def run_worker(settings: Settings, loglevel: str = "WARNING") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from llmflow import cli, ingress
 from llmflow.cli import main, parser
 from topology.settings import Settings
 
@@ -117,3 +120,32 @@ def test_serve_without_api_keys_refuses_to_start(
     assert parser().parse_args(["serve", "--port", "0"]).port == 0
     assert main(["serve", "--port", "0"]) == 2
     assert "no API keys" in capsys.readouterr().err
+
+
+def test_serve_freezes_its_heap_once_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmflow serve` runs for good: a full collection of its heap stalled it 62 to 99 ms."""
+
+    class Serving:
+        base_url = "http://127.0.0.1:1/v1"
+
+        def __init__(self, _settings: Settings) -> None:
+            pass
+
+        async def __aenter__(self) -> Serving:
+            return self
+
+        async def __aexit__(self, *_exc: object) -> None:
+            return None
+
+    async def stopped() -> None:
+        frozen.append(gc.get_freeze_count())
+
+    frozen: list[int] = []
+    monkeypatch.setattr(ingress, "IngressServer", Serving)
+    monkeypatch.setattr(cli, "_until_signal", stopped)
+    gc.unfreeze()
+    try:
+        asyncio.run(cli._serve(Settings()))
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 0
