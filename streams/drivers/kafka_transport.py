@@ -259,10 +259,10 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
     def forget_acks(self) -> None:
         """Drop every ack not yet committed, with the offsets seen jumped over: under
         exactly-once a rebalance drops the outputs of those events, so a commit past them
-        would lose them. faust's revocation ends with a commit, but one made while the
-        periodic commit runs only waits for that one (under exactly-once it runs all the
-        time, every 100 ms), so acks made while the streams emptied stayed, and the next
-        commit after the seek back went past those events before they were read again."""
+        would lose them. The revocation's last commit usually leaves none; before it was a
+        real one (`commit_and_end_transactions`), acks made while the streams emptied
+        stayed, and the next commit after the seek back went past those events before
+        they were read again."""
         with ack_lock:
             for tp, acked in self._acked.items():
                 if acked:
@@ -281,8 +281,21 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
         before it waits for the events in flight and commits, so the events acked since the
         last commit were handled again after the rebalance, their outputs sent twice."""
         if self.in_transaction:
-            await self.commit()
+            await self.commit_now()
         await super().on_partitions_revoked(revoked)
+
+    async def commit_now(self, start_new_transaction: bool = True) -> bool:
+        """Commit what is acked now. faust's `commit`, asked while another commit runs,
+        waits for that one and returns without committing; under exactly-once the periodic
+        commit nearly always runs (every 100 ms, each taking about as long)."""
+        while await self.maybe_wait_for_commit_to_finish():
+            pass
+        return bool(await self.commit(start_new_transaction=start_new_transaction))
+
+    async def commit_and_end_transactions(self) -> None:
+        """The revocation's last commit, once the streams are empty: a real one, so what
+        they finished meanwhile goes out now, not dropped at the rebalance and done again."""
+        await self.commit_now(start_new_transaction=False)
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         """Changelogs are read only while recovering, which resumes them; pause them first,

@@ -260,6 +260,25 @@ async def test_a_rebalance_forgets_the_acks_of_the_outputs_it_drops() -> None:
     assert producer.sent == [(b"2", "eos-0-1"), (b"2", "eos-0-1")]
 
 
+async def test_the_revocation_s_last_commit_waits_out_a_commit_in_flight_then_commits() -> None:
+    """faust's waited for the commit in flight and returned: the events the streams
+    finished meanwhile were neither committed nor kept past the rebalance."""
+    manager, producer = transactions({"eos-0-1"})
+    consumer = await handled(manager, range(10, 12), generation=1)
+    consumer._committed_offset[TP("in", 1)] = 10
+    consumer.assignment = lambda: {TP("in", 1)}
+    in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    consumer._commit_fut = in_flight
+    ending = asyncio.ensure_future(consumer.commit_and_end_transactions())
+    await asyncio.sleep(0)
+    assert producer.committed == []
+    consumer._commit_fut = None
+    in_flight.set_result(None)
+    await ending
+    assert producer.committed == [{"eos-0-1": {TP("in", 1): 12}}]
+    assert producer.sent == [(b"1", "eos-0-1"), (b"1", "eos-0-1")]
+
+
 async def test_an_ack_of_an_event_read_before_the_last_rebalance_commits_nothing() -> None:
     manager, _producer = transactions({"eos-0-1"})
     consumer: Any = manager.app.consumer
