@@ -258,11 +258,9 @@ class ShortWaitConsumer(faust_aiokafka.Consumer):
 
     def forget_acks(self) -> None:
         """Drop every ack not yet committed, with the offsets seen jumped over: under
-        exactly-once a rebalance drops the outputs of those events, so a commit past them
-        would lose them. The revocation's last commit usually leaves none; before it was a
-        real one (`commit_and_end_transactions`), acks made while the streams emptied
-        stayed, and the next commit after the seek back went past those events before
-        they were read again."""
+        exactly-once a rebalance drops the outputs of those events, and the first commit
+        after the seek back to the last commit could pass them before they were read
+        again, their answers lost. The revocation's last commit usually leaves none."""
         with ack_lock:
             for tp, acked in self._acked.items():
                 if acked:
@@ -467,14 +465,13 @@ class EventTransactions(TransactionManager):
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP]
     ) -> None:
         """Every held output goes, and every ack not committed with it: a revoked
-        partition's new owner redoes its events, and a
-        kept partition is seeked back to its commit, below every held output's event, so
-        this worker redoes them (keeping them answered those requests twice, in one
-        committed transaction). A revoked partition's producer stops too: faust stops only
-        those of partitions that are not now standbys, and its assignor makes a partition
-        another worker took a standby here, so the producer lived on, fenced by the new
-        owner, and was taken up again, fenced, when the partition came back (the survivor
-        of a kill crashed on it)."""
+        partition's new owner redoes its events, and a kept partition is seeked back to its
+        commit, below every held output's event, so this worker redoes them (keeping them
+        answered those requests twice, in one committed transaction). A revoked
+        partition's producer stops too: faust stops only those of partitions that are not
+        now standbys, and its assignor makes a partition another worker took a standby
+        here, so the producer lived on, fenced by the new owner, and was taken up again,
+        fenced, when the partition came back (the survivor of a kill crashed on it)."""
         for tp in revoked:
             self.committed.pop(tp, None)
         for tp, dropped in self._deferred.items():
