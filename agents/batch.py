@@ -358,10 +358,122 @@ class BatchScheduler(Generic[Item]):
             await asyncio.gather(*list(self.running), return_exceptions=True)
 
 
+def report_stop(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the batch scheduler stopped", exc_info=task.exception())
+
+
 def loop_deadline(envelope: Envelope, loop_now: float) -> float | None:
     """The request's unix deadline on the event loop's clock."""
     deadline = envelope.request.deadline
     return None if deadline is None else loop_now + (deadline - time.time())
+
+
+Pending = tuple[EventT[bytes], Envelope]
+
+
+class BatchStage:
+    """The batch stage's requests, from admission until answered or handed on.
+
+    Each event is acked once its request is answered or handed on; one whose answer could
+    not even be sent stays unacked, so a restart delivers it again. A request a fusing
+    stage hands over in process holds the event read from Kafka unacked the same way
+    (`Pipeline.hold`), and is released on each of those exits. Batches run in their own
+    tasks, so what they send is sent on behalf of its event (exactly-once puts it in that
+    event's transaction).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        runner: InferenceRunner,
+        batcher: AdaptiveBatcher[Pending],
+        ack: Callable[[EventT[bytes]], Awaitable[Any]],
+    ) -> None:
+        """`ack` acks an event the stage's own stream read."""
+        self.pipeline = pipeline
+        self.runner = runner
+        self.ack = ack
+        self.scheduler = BatchScheduler(batcher, self.execute, self.expired, self.failed)
+        self.handing_on: set[asyncio.Task[None]] = set()
+
+    async def acknowledge(self, event: EventT[bytes]) -> None:
+        if isinstance(event, LocalEvent):
+            self.pipeline.release(event)
+        else:
+            await self.ack(event)
+
+    async def settle(self, event: EventT[bytes], handing_on: Awaitable[None]) -> None:
+        try:
+            with on_behalf_of(consumed(event)):
+                await handing_on
+        except Exception:
+            log.exception("could not answer or hand on offset %s", event.message.offset)
+            return
+        await self.acknowledge(event)
+
+    async def hand_on(self, event: EventT[bytes], envelope: Envelope) -> None:
+        try:
+            with self.pipeline.handling(STAGE, event):
+                await self.pipeline.send("postprocess", envelope)
+        except Exception as exc:
+            await self.pipeline.handle_crash(event, envelope, STAGE, exc)
+
+    async def hand_on_all(self, items: list[Pending]) -> None:
+        for event, envelope in items:
+            self.pipeline.mark(envelope, "infer")
+            await self.settle(event, self.hand_on(event, envelope))
+
+    async def execute(self, model: str, items: list[Pending]) -> bool:
+        """Run the model; the answers go on in their own task, so the model's slot is free
+        for the next batch while they are sent."""
+        metrics.batch_size.labels(model).observe(len(items))
+        for event, envelope in items:
+            with on_behalf_of(consumed(event)), self.pipeline.handling(STAGE, event):
+                await self.pipeline.report(envelope, "infer")
+        with metrics.batch_processing(model, len(items)):
+            await self.runner.run([e for _, e in items])
+        task = asyncio.create_task(self.hand_on_all(items))
+        self.handing_on.add(task)
+        task.add_done_callback(self.handing_on.discard)
+        return any(e.status is Status.OK for _, e in items)
+
+    async def failed(self, items: list[Pending], exc: Exception) -> None:
+        """Answered and acked all the same: a held event would pin its partition's commits
+        for as long as the worker runs."""
+        for event, envelope in items:
+            await self.settle(event, self.pipeline.handle_crash(event, envelope, STAGE, exc))
+
+    async def expired(self, item: Pending) -> None:
+        event, envelope = item
+        message = "the deadline would pass before a batch could finish"
+        await self.settle(
+            event, self.pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", message)
+        )
+
+    async def admit(self, event: EventT[bytes], envelope: Envelope) -> None:
+        pipeline = self.pipeline
+        try:
+            if await pipeline.screen(envelope, STAGE):
+                await self.acknowledge(event)
+                return
+            priority = envelope.request.priority
+            deadline = loop_deadline(envelope, self.scheduler.now())
+            self.scheduler.submit(envelope.model or "", (event, envelope), priority, deadline)
+        except QueueFull as exc:
+            failing = pipeline.fail(envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc))
+            await self.settle(event, failing)
+        except DeadlineUnreachable as exc:
+            failing = pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc))
+            await self.settle(event, failing)
+        except Exception as exc:
+            await self.settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
+
+    async def admit_fused(self, event: EventT[bytes], envelope: Envelope) -> None:
+        """A request route hands over in process: its event read from Kafka stays unacked
+        until this request is answered or handed on."""
+        self.pipeline.hold(event)
+        await self.admit(event, envelope)
 
 
 def attach(pipeline: Pipeline) -> None:
@@ -395,106 +507,17 @@ def attach(pipeline: Pipeline) -> None:
 
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def batch(stream: StreamT[bytes]) -> None:
-        """Each event is acked once its request is answered or handed on; one whose answer
-        could not even be sent stays unacked, so a restart delivers it again. A request a
-        fusing stage hands over in process holds the event read from Kafka unacked the
-        same way (`Pipeline.hold`). Batches run in their own tasks, so what they send is
-        sent on behalf of its event (exactly-once puts it in that event's transaction)."""
         manual = cast(Stream[bytes], stream).noack()
-        Pending = tuple[EventT[bytes], Envelope]
-
-        async def acknowledge(event: EventT[bytes]) -> None:
-            if isinstance(event, LocalEvent):
-                pipeline.release(event)
-            else:
-                await manual.ack(event)
-
-        async def settle(event: EventT[bytes], handing_on: Awaitable[None]) -> None:
-            try:
-                with on_behalf_of(consumed(event)):
-                    await handing_on
-            except Exception:
-                log.exception("could not answer or hand on offset %s", event.message.offset)
-                return
-            await acknowledge(event)
-
-        async def hand_on(event: EventT[bytes], envelope: Envelope) -> None:
-            try:
-                with pipeline.handling(STAGE, event):
-                    await pipeline.send("postprocess", envelope)
-            except Exception as exc:
-                await pipeline.handle_crash(event, envelope, STAGE, exc)
-
-        handing_on: set[asyncio.Task[None]] = set()
-
-        async def hand_on_all(items: list[Pending]) -> None:
-            for event, envelope in items:
-                pipeline.mark(envelope, "infer")
-                await settle(event, hand_on(event, envelope))
-
-        async def execute(model: str, items: list[Pending]) -> bool:
-            """Run the model; the answers go on in their own task, so the model's slot is
-            free for the next batch while they are sent."""
-            metrics.batch_size.labels(model).observe(len(items))
-            for event, envelope in items:
-                with on_behalf_of(consumed(event)), pipeline.handling(STAGE, event):
-                    await pipeline.report(envelope, "infer")
-            with metrics.batch_processing(model, len(items)):
-                await runner.run([e for _, e in items])
-            task = asyncio.create_task(hand_on_all(items))
-            handing_on.add(task)
-            task.add_done_callback(handing_on.discard)
-            return any(e.status is Status.OK for _, e in items)
-
-        async def failed(items: list[Pending], exc: Exception) -> None:
-            """Answered and acked all the same: a held event would pin its partition's
-            commits for as long as the worker runs."""
-            for event, envelope in items:
-                await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
-
-        async def expired(item: Pending) -> None:
-            event, envelope = item
-            message = "the deadline would pass before a batch could finish"
-            await settle(
-                event, pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", message)
-            )
-
-        def report_stop(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                log.critical("the batch scheduler stopped", exc_info=task.exception())
-
-        async def admit(event: EventT[bytes], envelope: Envelope) -> None:
-            try:
-                if await pipeline.screen(envelope, STAGE):
-                    await acknowledge(event)
-                    return
-                priority = envelope.request.priority
-                deadline = loop_deadline(envelope, scheduler.now())
-                scheduler.submit(envelope.model or "", (event, envelope), priority, deadline)
-            except QueueFull as exc:
-                failing = pipeline.fail(
-                    envelope, ErrorCode.OVERLOADED, "batch_queue_full", str(exc)
-                )
-                await settle(event, failing)
-            except DeadlineUnreachable as exc:
-                failing = pipeline.fail(envelope, ErrorCode.TIMEOUT, "deadline_exceeded", str(exc))
-                await settle(event, failing)
-            except Exception as exc:
-                await settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
-
-        async def admit_fused(event: EventT[bytes], envelope: Envelope) -> None:
-            pipeline.hold(event)
-            await admit(event, envelope)
-
         batcher: AdaptiveBatcher[Pending] = AdaptiveBatcher(settings.batch, limits)
-        scheduler = BatchScheduler(batcher, execute, expired, failed)
-        flusher = asyncio.create_task(scheduler.run())
+        stage = BatchStage(pipeline, runner, batcher, manual.ack)
+        admit_fused = stage.admit_fused  # one bound method: refuse_fused compares by identity
+        flusher = asyncio.create_task(stage.scheduler.run())
         flusher.add_done_callback(report_stop)
         if fuses:
             pipeline.receive_fused(STAGE, admit_fused, screen=False)
         try:
             async for event, envelope in pipeline.envelopes(manual, STAGE):
-                await admit(event, envelope)
+                await stage.admit(event, envelope)
         finally:
             pipeline.refuse_fused(STAGE, admit_fused)
             flusher.cancel()

@@ -1,23 +1,33 @@
-"""AdaptiveBatcher: size and wait follow the load, priority order, deadlines, bounds."""
+"""AdaptiveBatcher: size and wait follow the load, priority order, deadlines, bounds;
+BatchStage: every way out of the stage answers the request and lets its event go once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import cast
 
+import faust
 import pytest
+from faust.events import Event
+from faust.types import EventT, Message
 
 from agents.batch import (
     AdaptiveBatcher,
     ArrivalRate,
     BatchScheduler,
+    BatchStage,
     DeadlineUnreachable,
     LatencyFit,
     ModelLimits,
+    Pending,
     QueueFull,
 )
-from schemas.messages import Priority
+from agents.infer import InferenceRunner
+from schemas.messages import Envelope, ErrorCode, LLMRequest, Priority, Status
+from streams.app import LocalEvent, Pipeline, consumed
 from topology.settings import BatchSettings, ModelSpec
 
 NORMAL = Priority.NORMAL
@@ -311,3 +321,172 @@ async def test_the_requests_of_a_batch_that_raised_are_handed_to_failed() -> Non
         await asyncio.sleep(0.02)
     assert answered == [(["broken"], "the status topic is gone")]
     assert ran == [["broken"], ["after"]]
+
+
+class StagePipeline:
+    """Stands in for the worker's Pipeline: what the batch stage did with each request,
+    and how it held and released the events read from Kafka behind fused ones."""
+
+    def __init__(
+        self,
+        screened: bool = False,
+        screen_error: Exception | None = None,
+        fail_error: Exception | None = None,
+    ) -> None:
+        self.screened = screened
+        self.screen_error = screen_error
+        self.fail_error = fail_error
+        self.done: list[str] = []
+
+    def hold(self, event: EventT[bytes]) -> None:
+        consumed(event).message.incref()
+
+    def release(self, event: EventT[bytes]) -> None:
+        consumed(event).message.decref()
+        self.done.append("released")
+
+    async def screen(self, _envelope: Envelope, _stage: str) -> bool:
+        if self.screen_error is not None:
+            raise self.screen_error
+        return self.screened
+
+    async def fail(self, _envelope: Envelope, _code: ErrorCode, reason: str, _message: str) -> None:
+        if self.fail_error is not None:
+            raise self.fail_error
+        self.done.append(f"failed {reason}")
+
+    async def handle_crash(
+        self, _event: EventT[bytes], _envelope: Envelope, _stage: str, exc: Exception
+    ) -> None:
+        self.done.append(f"crashed {exc}")
+
+    async def send(self, stage: str, _envelope: Envelope) -> None:
+        self.done.append(f"sent to {stage}")
+
+    def mark(self, _envelope: Envelope, _stage: str) -> None:
+        pass
+
+    async def report(self, _envelope: Envelope, _stage: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def handling(self, _stage: str, _event: EventT[bytes]) -> Iterator[None]:
+        yield
+
+
+class Runner:
+    """Stands in for the InferenceRunner: answers every request, or raises."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    async def run(self, envelopes: list[Envelope]) -> list[Envelope]:
+        if self.error is not None:
+            raise self.error
+        for envelope in envelopes:
+            envelope.status = Status.OK
+        return envelopes
+
+
+APP = faust.App("test-batch-stage", broker="memory://")
+MODEL = "sim-small"
+
+
+def stage_for(
+    pipeline: StagePipeline, runner: Runner | None = None
+) -> tuple[BatchStage, list[EventT[bytes]]]:
+    """The stage, and the events its own stream's acks reached."""
+    acked: list[EventT[bytes]] = []
+
+    async def ack(event: EventT[bytes]) -> None:
+        acked.append(event)
+
+    settings = BatchSettings(min_wait_ms=0, max_wait_ms=0, max_queued=1)
+    batches: AdaptiveBatcher[Pending] = AdaptiveBatcher(settings, lambda _m: ModelLimits(1, 4))
+    stage = BatchStage(
+        cast(Pipeline, pipeline), cast(InferenceRunner, runner or Runner()), batches, ack
+    )
+    return stage, acked
+
+
+def request_envelope(deadline_s: float | None = None) -> Envelope:
+    request = LLMRequest.model_validate(
+        {"id": "r", "tenant": "acme", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    request.deadline = None if deadline_s is None else time.time() + deadline_s
+    return Envelope(request=request, model=MODEL)
+
+
+async def admitted(
+    stage: BatchStage, envelope: Envelope, fused: bool
+) -> tuple[EventT[bytes], EventT[bytes]]:
+    """The event read from Kafka and the one the stage handled, once what the scheduler
+    started is done."""
+    message = Message("llm.stage.route", 0, 7, 0.0, 0, {}, b"k", b"v", None)
+    read: EventT[bytes] = Event(APP, b"k", b"v", {}, message)
+    handled: EventT[bytes] = LocalEvent(read, "llm.stage.batch", 1) if fused else read
+    loop_task = asyncio.create_task(stage.scheduler.run())
+    try:
+        await (stage.admit_fused if fused else stage.admit)(handled, envelope)
+        await asyncio.sleep(0.05)
+        await stage.scheduler.drain()
+        await asyncio.gather(*stage.handing_on)
+    finally:
+        loop_task.cancel()
+    return read, handled
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["read", "fused"])
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("answered", ["sent to postprocess"]),
+        ("screened", []),
+        ("queue full", ["failed batch_queue_full"]),
+        ("deadline unreachable", ["failed deadline_exceeded"]),
+        ("screen raised", ["crashed boom"]),
+        ("model raised", ["crashed model down"]),
+        ("expired while queued", ["failed deadline_exceeded"]),
+    ],
+)
+async def test_every_exit_answers_the_request_and_lets_its_event_go_once(
+    fused: bool, case: str, expected: list[str]
+) -> None:
+    """A fused request's event read from Kafka is held from admission: each exit must
+    release it once, or its partition's commits stay pinned while the worker runs."""
+    pipeline = StagePipeline(
+        screened=case == "screened",
+        screen_error=RuntimeError("boom") if case == "screen raised" else None,
+    )
+    stage, acked = stage_for(
+        pipeline, Runner(RuntimeError("model down")) if "model" in case else None
+    )
+    batcher, deadline_s = stage.scheduler.batcher, None
+    if case == "queue full":
+        batcher.items_running = 1
+    if "deadline" in case or "expired" in case:
+        batcher._queue(MODEL).fit.record(1, 5.0)  # a batch takes 5 s
+        deadline_s = 1.0 if "unreachable" in case else 6.0
+    if case == "expired while queued":
+        batcher._queue(MODEL).batches_running = 1  # the model's one slot is busy
+    read, handled = await admitted(stage, request_envelope(deadline_s), fused)
+    if case == "expired while queued":
+        assert pipeline.done == []
+        for item in batcher.expire(time.monotonic() + 60.0):
+            await stage.expired(item)
+    assert pipeline.done == expected + (["released"] if fused else [])
+    assert acked == ([] if fused else [handled])
+    assert read.message.refcount == 0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["read", "fused"])
+async def test_an_answer_that_cannot_be_sent_keeps_its_event(fused: bool) -> None:
+    """Unacked, the event is delivered again after a restart; acked, the request would be
+    lost."""
+    pipeline = StagePipeline(fail_error=ConnectionError("the responses topic is gone"))
+    stage, acked = stage_for(pipeline)
+    stage.scheduler.batcher.items_running = 1  # the queue is full: the stage answers at once
+    read, _handled = await admitted(stage, request_envelope(), fused)
+    assert pipeline.done == []
+    assert acked == []
+    assert read.message.refcount == (1 if fused else 0)
