@@ -255,6 +255,15 @@ class AdaptiveBatcher(Generic[Item]):
                 queue.by_priority[priority] = kept
         return gone
 
+    def take_all(self) -> list[Item]:
+        """Remove and return every request still waiting for a batch."""
+        taken: list[Item] = []
+        for queue in self.queues.values():
+            for priority in PRIORITY_ORDER:
+                taken.extend(entry.item for entry in queue.by_priority[priority])
+                queue.by_priority[priority].clear()
+        return taken
+
     def done(self, model: str, size: int, seconds: float | None) -> None:
         """A batch finished; `seconds` is None when its time says nothing of the model's
         speed (it timed out or failed), so one stall cannot lock out every deadline."""
@@ -469,6 +478,14 @@ class BatchStage:
         except Exception as exc:
             await self.settle(event, pipeline.handle_crash(event, envelope, STAGE, exc))
 
+    async def hand_back(self) -> None:
+        """Send the requests still waiting for a batch back to the stage's topic, each on
+        behalf of its event, then let the event go: once the agent stops nothing would
+        answer them, and their events would pin their partitions' commits until a
+        rebalance read them again (a fused one's, until the worker restarts)."""
+        for event, envelope in self.scheduler.batcher.take_all():
+            await self.settle(event, self.pipeline.send(STAGE, envelope))
+
     async def admit_fused(self, event: EventT[bytes], envelope: Envelope) -> None:
         """A request route hands over in process: its event read from Kafka stays unacked
         until this request is answered or handed on."""
@@ -521,3 +538,4 @@ def attach(pipeline: Pipeline) -> None:
         finally:
             pipeline.refuse_fused(STAGE, admit_fused)
             flusher.cancel()
+            await stage.hand_back()

@@ -490,3 +490,18 @@ async def test_an_answer_that_cannot_be_sent_keeps_its_event(fused: bool) -> Non
     assert pipeline.done == []
     assert acked == []
     assert read.message.refcount == (1 if fused else 0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["read", "fused"])
+async def test_a_stopping_stage_hands_its_queued_requests_back_to_its_topic(fused: bool) -> None:
+    """Before, they waited for an answer no one would send, their events unacked."""
+    pipeline = StagePipeline()
+    stage, acked = stage_for(pipeline)
+    stage.scheduler.batcher._queue(MODEL).batches_running = 1  # the model's one slot is busy
+    read, handled = await admitted(stage, request_envelope(), fused)
+    assert pipeline.done == []
+    await stage.hand_back()
+    assert pipeline.done == ["sent to batch"] + (["released"] if fused else [])
+    assert acked == ([] if fused else [handled])
+    assert read.message.refcount == 0
+    assert stage.scheduler.batcher.take_all() == []
