@@ -122,7 +122,9 @@ def test_serve_without_api_keys_refuses_to_start(
     assert "no API keys" in capsys.readouterr().err
 
 
-def test_serve_freezes_its_heap_once_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_freezes_its_heap_once_serving(
+    monkeypatch: pytest.MonkeyPatch, thawed_heap: None
+) -> None:
     """`llmflow serve` runs for good: a full collection of its heap stalled it 62 to 99 ms."""
 
     class Serving:
@@ -143,9 +145,5 @@ def test_serve_freezes_its_heap_once_serving(monkeypatch: pytest.MonkeyPatch) ->
     frozen: list[int] = []
     monkeypatch.setattr(ingress, "IngressServer", Serving)
     monkeypatch.setattr(cli, "_until_signal", stopped)
-    gc.unfreeze()
-    try:
-        asyncio.run(cli._serve(Settings()))
-    finally:
-        gc.unfreeze()
+    asyncio.run(cli._serve(Settings()))
     assert frozen and frozen[0] > 0

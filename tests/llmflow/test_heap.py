@@ -9,10 +9,9 @@ class Node:
         self.me = self
 
 
-def test_the_startup_heap_is_collected_then_frozen() -> None:
+def test_the_startup_heap_is_collected_then_frozen(thawed_heap: None) -> None:
     """Garbage is collected first (freezing it would keep it for good), then what is left
     is out of the collector's reach: a full collection no longer walks it."""
-    gc.unfreeze()
     cycle = Node()
     dead = weakref.ref(cycle)
     del cycle
@@ -23,4 +22,3 @@ def test_the_startup_heap_is_collected_then_frozen() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.enable()
-        gc.unfreeze()
