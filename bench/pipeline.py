@@ -361,6 +361,17 @@ def comparison(
     return "\n".join(lines), ratios
 
 
+def report_head(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What a report of runs by `add_load_arguments` begins with: what ran where."""
+    return {
+        "benchmark": benchmark,
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "broker": args.broker,
+        "provider_latency_ms": args.latency_ms,
+        "duration_s": args.duration,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     base = load_settings(args.config)
     fusion: Fusion = args.fusion or base.fusion
@@ -370,12 +381,8 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     primary = runs[fusion]
     report = {
-        "benchmark": "pipeline",
-        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        **report_head("pipeline", args),
         "workers": args.workers,
-        "broker": args.broker,
-        "provider_latency_ms": args.latency_ms,
-        "duration_s": args.duration,
         "duplicate_share": args.duplicate_share,
         "near_duplicate_share": args.near_duplicate_share,
         "embedding": args.embed,
@@ -399,11 +406,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", default="out/pipeline.json")
-    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s")
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stack, workload, run and search of `measure` and `search`."""
     parser.add_argument("--duration", type=float, default=30.0, help="seconds at --rate")
-    parser.add_argument("--workers", type=int, default=1)
     add_broker_argument(parser)
     parser.add_argument("--latency-ms", type=float, default=50.0, help="the provider's")
     parser.add_argument("--duplicate-share", type=float, default=0.1)
@@ -416,10 +421,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-duration", type=float, default=10.0, help="seconds per trial")
     parser.add_argument("--search-steps", type=int, default=3, help="bisections after doubling")
     parser.add_argument("--max-overhead-p99-ms", type=float, default=1000.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default="out/pipeline.json")
+    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s")
+    parser.add_argument("--workers", type=int, default=1)
+    add_load_arguments(parser)
     parser.add_argument(
         "--fusion", choices=get_args(Fusion), help="the reported run's; default: the config's"
     )
     parser.add_argument(
         "--compare-fusion", action="store_true", help="fusion off, by key, then local"
     )
-    parser.add_argument("--seed", type=int, default=0)

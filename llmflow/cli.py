@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from bench import batching as bench_batching
 from bench import broker as bench_broker
 from bench import faults as bench_faults
+from bench import floor as bench_floor
 from bench import fuzz as bench_fuzz
 from bench import kill as bench_kill
 from bench import locality as bench_locality
@@ -408,6 +409,9 @@ def parser() -> argparse.ArgumentParser:
     pipeline = bench_sub.add_parser("pipeline", help="overhead, max req/s, fusion off and on")
     bench_pipeline.add_arguments(pipeline)
     pipeline.set_defaults(func=bench_pipeline.run)
+    floor = bench_sub.add_parser("floor", help="the parts under llmflow alone, beside it")
+    bench_floor.add_arguments(floor)
+    floor.set_defaults(func=bench_floor.run)
 
     pairs = sub.add_parser("eval-pairs", help="the semantic cache on labelled prompt pairs")
     eval_pairs.add_arguments(pairs)

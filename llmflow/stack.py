@@ -20,7 +20,8 @@ from topology.settings import Settings, to_env
 PROVIDER_LINE = re.compile(r"listening on (http://\S+)")
 
 
-def _stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Terminate, then kill what is still running after `timeout`."""
     if process.poll() is not None:
         return
     process.terminate()
@@ -61,7 +62,7 @@ class SimulatedProvider:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            stop_process(self.process)
 
 
 class Workers(Managed):
@@ -112,6 +113,6 @@ class Workers(Managed):
             if process.poll() is None:
                 process.terminate()
         for process in self.processes:
-            _stop(process)
+            stop_process(process)
         self.processes.clear()
         self.metrics_ports.clear()

@@ -27,7 +27,7 @@ import yaml
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import free_port
 from llmflow.client import new_request
-from llmflow.stack import SimulatedProvider, Workers
+from llmflow.stack import SimulatedProvider, Workers, stop_process
 from schemas.messages import Status
 from tests.deploy.test_prometheus_rules import RULES, rules
 from tests.integration.conftest import (
@@ -81,12 +81,7 @@ def prometheus(run_dir: Path, metrics_port: int) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def ready(url: str) -> bool:
