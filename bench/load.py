@@ -306,6 +306,7 @@ async def open_loop(
     # The sender's own full collections, over every sample and item it holds, stalled its
     # loop 50 to 280 ms in an overload run (gc.callbacks), so the answers it timed came
     # late: none run while it sends, and the last one runs before the schedule starts.
+    collecting = gc.isenabled()
     gc.collect()
     gc.disable()
     watcher = asyncio.create_task(loop_lags(lags))
@@ -318,7 +319,8 @@ async def open_loop(
             arrival += rng.expovariate(rate_rps)
         samples = await asyncio.gather(*tasks)
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
         for task in [*tasks, watcher]:
             task.cancel()
         bar.close()

@@ -150,6 +150,20 @@ def test_open_loop_sends_with_the_cyclic_collector_paused() -> None:
     assert gc.isenabled()
 
 
+def test_open_loop_leaves_a_paused_collector_paused() -> None:
+    items = build_workload(WorkloadSpec(count=3, seed=2), PROMPTS)
+
+    async def send(item: WorkItem) -> Outcome:
+        return Outcome("ok")
+
+    gc.disable()
+    try:
+        asyncio.run(open_loop(send, items, rate_rps=500, seed=1, progress=False))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def run_with(rate: float, latency_ms: float, answered: bool = True) -> LoadRun:
     """A run of 100 sends spread at exactly `rate`, each answered after `latency_ms`."""
     item = WorkItem("x", "t", [{"role": "user", "content": "hi"}], 8, "unique")
