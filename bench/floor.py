@@ -164,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="out/floor.json")
-    parser.add_argument("--rate", type=float, default=500.0, help="open-loop req/s")
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="open-loop req/s; one each worker keeps up with"
+    )
     add_load_arguments(parser)
     parser.add_argument(
         "--kinds",
@@ -173,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(get_args(Kind)),
         help="the workers measured, the first the baseline of the ratios",
     )
-    parser.set_defaults(workers=1)
+    parser.set_defaults(workers=1, search_start=100.0)
 
 
 def main(argv: list[str]) -> None:

@@ -58,6 +58,7 @@ def test_every_worker_is_measured_by_default_llmflow_first_and_one_of_each() -> 
     args = parse([])
     assert args.kinds == ["llmflow", "faust", "aiokafka"]
     assert args.workers == 1 and args.json == "out/floor.json"
+    assert args.rate == args.search_start == 100.0
     assert parse(["--kinds", "aiokafka"]).kinds == ["aiokafka"]
 
 
