@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from faust.types import EventT, StreamT
+from faust.types import StreamT
 from pydantic import ValidationError
 
 from schemas.messages import FeedbackEvent, LabelledExample, RoutedRecord, dump
@@ -122,23 +122,18 @@ def attach(pipeline: Pipeline) -> None:
     )
     learn = pipeline.stage_topics["learn"]
 
-    async def learn_from(example: LabelledExample | None) -> None:
-        if example is not None:
-            await learn.send(key=example.routed.request_id.encode(), value=dump(example))
-
-    async def remember(_event: EventT[bytes], record: RoutedRecord) -> None:
-        await learn_from(join.remember(record))
-
-    pipeline.record_with(STAGE, remember)
-
     async def feedback(stream: StreamT[bytes]) -> None:
         async for event in stream.events():
             try:
                 if event.message.topic == records:
-                    await remember(event, RoutedRecord.model_validate_json(raw_bytes(event)))
+                    example = join.remember(RoutedRecord.model_validate_json(raw_bytes(event)))
                 else:
-                    await learn_from(join.join(FeedbackEvent.model_validate_json(raw_bytes(event))))
+                    example = join.join(FeedbackEvent.model_validate_json(raw_bytes(event)))
             except ValidationError as exc:
                 await pipeline.dead_letter(event, "bad_feedback", str(exc), None)
+                continue
+            if example is not None:
+                key = example.routed.request_id.encode()
+                await learn.send(key=key, value=dump(example))
 
     pipeline.app.agent(channel, name=STAGE)(feedback)

@@ -29,7 +29,7 @@ from faust.types import EventT
 from agents.ensemble import ENSEMBLE
 from agents.rollout import Loaded, in_candidate_share, versions_of
 from inference.complexity import ComplexityClassifier, prompt_features, task_type
-from schemas.messages import Envelope, ErrorCode, RoutedRecord, Status
+from schemas.messages import Envelope, ErrorCode, RoutedRecord, Status, dump
 from streams import metrics
 from streams.app import Pipeline
 from topology.settings import ModelSpec, RouteSettings, Settings
@@ -388,6 +388,7 @@ def attach(pipeline: Pipeline) -> None:
         await pipeline.send("batch", envelope)
         record = router.routed(envelope, choice) if learning else None
         if record is not None:
-            await pipeline.hand_over("feedback", record.request_id.encode(), record)
+            key = record.request_id.encode()
+            await pipeline.stage_topics["feedback"].send(key=key, value=dump(record))
 
     pipeline.stage_agent(STAGE, route)

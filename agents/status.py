@@ -131,10 +131,10 @@ def attach(pipeline: Pipeline) -> None:
 
     pipeline.app.on_partitions_revoked.connect(cast(Any, revoked))
 
-    async def record(event: EventT[bytes], report: StatusEvent) -> None:
+    def record(event: EventT[bytes], report: StatusEvent) -> None:
         book.record(report, event.message.partition, time.time())
 
-    pipeline.record_with(STAGE, record)
+    pipeline.record_status_with(record)
 
     @pipeline.app.agent(pipeline.stage_topics[STAGE], name=STAGE)
     async def status(stream: StreamT[bytes]) -> None:
@@ -144,4 +144,4 @@ def attach(pipeline: Pipeline) -> None:
             except ValidationError:
                 log.warning("a message on %s is not a status event", spec.topic.name)
                 continue
-            await record(event, report)
+            record(event, report)

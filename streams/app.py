@@ -18,7 +18,7 @@ import faust
 from faust import streams as faust_streams
 from faust.events import Event
 from faust.types import TP, EventT, Message, StreamT, TableT, TopicT
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from schemas.messages import DeadLetter, Envelope, ErrorCode, Status, StatusEvent, dump
 from streams import metrics
@@ -35,8 +35,7 @@ MAX_REPLY_TOPICS = 1024
 EXACTLY_ONCE_COMMIT_INTERVAL_S = 0.1
 log = logging.getLogger(__name__)
 StageHandler = Callable[[EventT[bytes], Envelope], Awaitable[None]]
-# How a stage takes a message that is not an envelope (a status report, a routed record).
-Recorder = Callable[[EventT[bytes], Any], Awaitable[None]]
+StatusRecorder = Callable[[EventT[bytes], StatusEvent], None]
 Shared = TypeVar("Shared")
 # The stage a handler runs for and the event it handles, for fused sends (`Pipeline.send`).
 handling: ContextVar[tuple[str, EventT[bytes]] | None] = ContextVar("handling", default=None)
@@ -154,7 +153,7 @@ class Pipeline:
         self._reply_topics: dict[str, TopicT] = {}
         self._shared: dict[str, object] = {}
         self._handlers: dict[str, tuple[StageHandler, bool]] = {}
-        self._recorders: dict[str, Recorder] = {}
+        self._status_recorder: StatusRecorder | None = None
         self.bucketer = bucketer_for(settings)
         # Hops are timed only where preprocess holds its intake on them.
         pause_at_ms = settings.limits.intake_pause_backlog_ms
@@ -241,25 +240,10 @@ class Pipeline:
                 self.backlog.observe(hop_ms, envelope.stage_entered_at)
             yield event, envelope
 
-    def record_with(self, stage: str, recorder: Recorder) -> None:
-        """How `stage` records what `hand_over` gives it, so that can be recorded in
-        process where the stage at hand fuses with `stage`."""
-        self._recorders[stage] = recorder
-
-    async def hand_over(self, stage: str, key: bytes, message: BaseModel) -> None:
-        """Give `stage` a message that is not an envelope, keyed by `key`: recorded in
-        process, under an event of the partition of `stage`'s topic a send would reach,
-        where the stage at hand fuses with `stage` and this worker owns that partition;
-        sent on the topic otherwise."""
-        recorder = self._recorders.get(stage)
-        if recorder is not None:
-            spec = self.settings.stage(stage)
-            local = self.fused_event(spec, lambda: kafka_partition(key, spec.topic.partitions))
-            if local is not None:
-                with handling_locally(local):
-                    await recorder(local, message)
-                return
-        await self.stage_topics[stage].send(key=key, value=dump(message))
+    def record_status_with(self, recorder: StatusRecorder) -> None:
+        """How the status stage records a report, so `report` can record it in process
+        when it fuses."""
+        self._status_recorder = recorder
 
     def stage_agent(self, stage: str, handle: StageHandler, screen: bool = True) -> None:
         """Run `handle` on every envelope of `stage`'s topic as a faust agent.
@@ -437,7 +421,15 @@ class Pipeline:
             error=result.error.code if result and result.error else None,
             stage_latency_ms=envelope.stage_latency_ms if status else {},
         )
-        await self.hand_over("status", event.request_id.encode(), event)
+        key = event.request_id.encode()
+        if self._status_recorder is not None:
+            spec = self.settings.stage("status")
+            local = self.fused_event(spec, lambda: kafka_partition(key, spec.topic.partitions))
+            if local is not None:
+                with handling_locally(local):
+                    self._status_recorder(local, event)
+                return
+        await self.stage_topics["status"].send(key=key, value=dump(event))
 
     async def finish_if_expired(self, envelope: Envelope, stage: str) -> bool:
         """Answer `timeout` when the request's deadline has passed; True if it was answered."""

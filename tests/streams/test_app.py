@@ -17,7 +17,6 @@ from schemas.messages import (
     Envelope,
     LLMRequest,
     Role,
-    RoutedRecord,
     Status,
     StatusEvent,
 )
@@ -227,49 +226,14 @@ def test_status_reports_go_out_unless_status_is_off() -> None:
         assert len(topic.sent) == reports
 
 
-def test_a_routed_record_is_handed_over_in_process_where_route_fuses_with_feedback() -> None:
-    pipeline, _seen, _topic = fused_pipeline("local")
-    topic = Topic()
-    pipeline.stage_topics["feedback"] = cast(TopicT, topic)
-    record = RoutedRecord(
-        request_id="r7", tenant="acme", model="small", version="v1", candidate=False, features=[]
-    )
-
-    async def hand_over_from_route() -> None:
-        with pipeline.handling("route", consumed_event(pipeline, "route", 2)):
-            await pipeline.hand_over("feedback", b"r7", record)
-
-    asyncio.run(hand_over_from_route())
-    assert len(topic.sent) == 1  # no recorder for the stage: its topic
-
-    recorded: list[tuple[EventT[bytes], RoutedRecord]] = []
-
-    async def remember(event: EventT[bytes], record: RoutedRecord) -> None:
-        recorded.append((event, record))
-
-    pipeline.record_with("feedback", remember)
-    asyncio.run(hand_over_from_route())
-    [(event, got)] = recorded
-    spec = pipeline.settings.stage("feedback").topic
-    assert (event.message.topic, event.message.partition) == (
-        spec.name,
-        kafka_partition(b"r7", spec.partitions),
-    )
-    assert got is record and len(topic.sent) == 1
-    asyncio.run(pipeline.hand_over("feedback", b"r7", record))  # outside any stage
-    assert len(recorded) == 1 and len(topic.sent) == 2
-
-
 def test_a_fused_status_report_is_recorded_in_process_on_its_own_partition() -> None:
     pipeline, _seen, _topic = fused_pipeline("local")
     topic = Topic()
     pipeline.stage_topics["status"] = cast(TopicT, topic)
     recorded: list[tuple[EventT[bytes], StatusEvent, EventT[bytes] | None]] = []
-
-    async def record(event: EventT[bytes], report: StatusEvent) -> None:
-        recorded.append((event, report, current_event()))
-
-    pipeline.record_with("status", record)
+    pipeline.record_status_with(
+        lambda event, report: recorded.append((event, report, current_event()))
+    )
     sent = envelope(3)
 
     async def report_from_respond() -> None:
