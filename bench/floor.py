@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -37,11 +35,11 @@ from bench.pipeline import (
 from llmflow.admin import create_topics, wait_for_stable_group
 from llmflow.brokers import start_broker
 from llmflow.reports import write_report
-from llmflow.stack import stop_process
+from llmflow.stack import Workers
 from llmflow.worker import Worker
 from schemas.messages import LLMRequest, LLMResponse, Status, dump
 from streams.app import Pipeline
-from topology.settings import Settings, load_settings, to_env
+from topology.settings import Settings, load_settings
 
 Echo = Literal["aiokafka", "faust"]
 Kind = Literal["llmflow", "faust", "aiokafka"]
@@ -102,24 +100,13 @@ def echo_stack(
     them, the worker's pid and the broker's."""
     run_dir = Path(tempfile.mkdtemp(prefix="llmflow-floor-"))
     with start_broker(broker_kind) as broker:
-        settings = settings.model_copy(
-            update={"bootstrap_servers": broker.bootstrap, "data_dir": str(run_dir / "data")}
-        )
+        settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
         asyncio.run(create_topics(settings))
-        env = {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
-        with (run_dir / f"{echo}.log").open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "bench.floor", echo],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
+        command = [sys.executable, "-m", "bench.floor", echo]
+        with Workers(settings, run_dir, command=command) as workers:
             asyncio.run(wait_for_stable_group(settings, 1, timeout_s=180))
             print(f"bench floor: {echo} echo on {settings.bootstrap_servers}, logs in {run_dir}")
-            yield settings, [worker.pid], broker.pid
-        finally:
-            stop_process(worker)
+            yield settings, [p.pid for p in workers.processes], broker.pid
 
 
 def run_kind(kind: Kind, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:

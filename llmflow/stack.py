@@ -67,15 +67,28 @@ class SimulatedProvider:
 
 class Workers(Managed):
     """`count` faust workers of one pipeline, each with its own data dir and metrics port,
-    logging at `loglevel` to `worker-N.log` in `run_dir`."""
+    logging at `loglevel` to `worker-N.log` in `run_dir`; `command` starts another kind of
+    worker with the same settings."""
 
     def __init__(
-        self, settings: Settings, run_dir: Path, count: int = 1, loglevel: str = "WARNING"
+        self,
+        settings: Settings,
+        run_dir: Path,
+        count: int = 1,
+        loglevel: str = "WARNING",
+        command: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.count = count
-        self.loglevel = loglevel
+        self.command = command or [
+            sys.executable,
+            "-m",
+            "llmflow.cli",
+            "worker",
+            "--loglevel",
+            loglevel,
+        ]
         self.processes: list[subprocess.Popen[bytes]] = []
         self.metrics_ports: list[int] = []
         self.started = 0
@@ -90,7 +103,7 @@ class Workers(Managed):
         env = {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
         with (self.run_dir / f"worker-{index}.log").open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "llmflow.cli", "worker", "--loglevel", self.loglevel],
+                self.command,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
