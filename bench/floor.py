@@ -1,57 +1,75 @@
 """`llmflow bench floor`: what the parts under llmflow carry with nothing of llmflow's
 between them, beside llmflow itself, so a rate target can be weighed against the parts.
 
-Each worker reads `llm.requests` and answers every request at once, `ok` with no output,
-on its reply topic: `aiokafka`, a bare aiokafka consumer and producer; `faust`, one faust
-agent on the worker's own app and transport (`streams.app.Pipeline`, no stage attached);
-`llmflow`, the real worker and the simulated provider (`--latency-ms`). The same client,
-workload, broker, sustain criteria and meters as `bench pipeline` (whose `measure` and
-`search` run here) measure each on fresh stacks: a run at `--rate` for the CPU each part
-spends a request, then the max sustained rate.
+Each worker reads `llm.requests` and answers every request on its reply topic:
+`faust-model`, one faust agent on the worker's own app and transport
+(`streams.app.Pipeline`, no stage attached) that calls the model for each request and
+answers with its reply, what any LLM proxy must do; `faust`, the same agent answering
+`ok` at once; `aiokafka`, that echo as a bare aiokafka consumer and producer; `llmflow`, the
+real worker. The same client, workload, broker, simulated provider (`--latency-ms`),
+sustain criteria and meters as `bench pipeline` (whose `run_one` runs here) measure each on
+fresh stacks: a run at `--rate` for the CPU each part spends a request, then the max
+sustained rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+import time
 from typing import Any, Literal, get_args
 
+import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from faust.types import StreamT
 
-from bench.pipeline import (
-    add_load_arguments,
-    comparison,
-    measure,
-    report_head,
-    run_one,
-    search,
-)
-from llmflow.admin import create_topics, wait_for_stable_group
-from llmflow.brokers import start_broker
+from bench.pipeline import add_load_arguments, comparison, report_head, run_one
 from llmflow.reports import write_report
-from llmflow.stack import Workers
 from llmflow.worker import Worker
 from schemas.messages import LLMRequest, LLMResponse, Status, dump
 from streams.app import Pipeline
 from topology.settings import Settings, load_settings
 
-Echo = Literal["aiokafka", "faust"]
-Kind = Literal["llmflow", "faust", "aiokafka"]
-STACK_PARTS = ("workers", "client", "broker")
+Echo = Literal["faust-model", "faust", "aiokafka"]
+Kind = Literal["llmflow", "faust-model", "faust", "aiokafka"]
+Reply = tuple[str | None, bytes, bytes]
+STACK_PARTS = ("workers", "client", "broker", "provider")
 
 
-def echo_reply(raw: bytes) -> tuple[str | None, bytes, bytes]:
-    """A request's reply topic (None: the responses topic), key and `ok` answer. A floor
-    worker does what any worker must: parse the request and write its answer."""
-    request = LLMRequest.model_validate_json(raw)
-    response = LLMResponse(id=request.id, tenant=request.tenant, status=Status.OK, output="")
+def reply_of(request: LLMRequest, output: str, upstream_ms: float = 0.0) -> Reply:
+    """A request's reply topic (None: the responses topic), key and `ok` answer."""
+    response = LLMResponse(
+        id=request.id,
+        tenant=request.tenant,
+        status=Status.OK,
+        output=output,
+        upstream_ms=upstream_ms,
+    )
     return request.reply_topic, request.id.encode(), dump(response)
+
+
+def echo_reply(raw: bytes) -> Reply:
+    """The answer of a worker that does what any worker must: parse the request and write
+    its answer."""
+    return reply_of(LLMRequest.model_validate_json(raw), "ok")
+
+
+async def model_reply(session: aiohttp.ClientSession, settings: Settings, raw: bytes) -> Reply:
+    """The answer of a worker that also does what any LLM proxy must: call the model (the
+    request's, else the router's small one) and answer with its reply."""
+    request = LLMRequest.model_validate_json(raw)
+    body = {
+        "model": request.model or settings.route.small_model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "max_tokens": request.params.max_tokens,
+    }
+    started = time.perf_counter()
+    async with session.post(f"{settings.provider_url}/chat/completions", json=body) as answer:
+        answer.raise_for_status()
+        completion = await answer.json()
+    upstream_ms = (time.perf_counter() - started) * 1000
+    return reply_of(request, completion["choices"][0]["message"]["content"], upstream_ms)
 
 
 async def aiokafka_echo(settings: Settings) -> None:
@@ -80,43 +98,44 @@ async def aiokafka_echo(settings: Settings) -> None:
         await producer.stop()
 
 
-def faust_echo(settings: Settings) -> None:
+def faust_echo(settings: Settings, call_model: bool) -> None:
+    """One faust agent answering each request: at once, or with `call_model` with the
+    model's reply, each call a task of its own so that calls overlap, as llmflow's do
+    (its event is acked before the answer: a floor, not a pipeline)."""
     pipeline = Pipeline(settings)
+    calls: set[asyncio.Future[None]] = set()
+
+    async def send(reply: Reply) -> None:
+        topic, key, value = reply
+        await pipeline.reply_topic(topic).send(key=key, value=value)
+
+    async def answer_from_model(session: aiohttp.ClientSession, raw: bytes) -> None:
+        await send(await model_reply(session, settings, raw))
 
     @pipeline.app.agent(pipeline.requests_topic, name="echo")
     async def echo(stream: StreamT[bytes]) -> None:
-        async for raw in stream:
-            topic, key, value = echo_reply(raw)
-            await pipeline.reply_topic(topic).send(key=key, value=value)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async for raw in stream:
+                if not call_model:
+                    await send(echo_reply(raw))
+                    continue
+                call = asyncio.ensure_future(answer_from_model(session, raw))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
 
     Worker(pipeline.app, loglevel="WARNING").execute_from_commandline()
 
 
-@contextlib.contextmanager
-def echo_stack(
-    echo: Echo, settings: Settings, broker_kind: str
-) -> Iterator[tuple[Settings, list[int], int | None]]:
-    """A fresh broker and one `echo` worker in the workers' group: the settings to reach
-    them, the worker's pid and the broker's."""
-    run_dir = Path(tempfile.mkdtemp(prefix="llmflow-floor-"))
-    with start_broker(broker_kind) as broker:
-        settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap})
-        asyncio.run(create_topics(settings))
-        command = [sys.executable, "-m", "bench.floor", echo]
-        with Workers(settings, run_dir, command=command) as workers:
-            asyncio.run(wait_for_stable_group(settings, 1, timeout_s=180))
-            print(f"bench floor: {echo} echo on {settings.bootstrap_servers}, logs in {run_dir}")
-            yield settings, [p.pid for p in workers.processes], broker.pid
+def echo_command(echo: Echo) -> list[str]:
+    """How `Workers` starts an `echo` worker."""
+    return [sys.executable, "-m", "bench.floor", echo]
 
 
 def run_kind(kind: Kind, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """The run at `args.rate` on one stack, the search on another, as `bench pipeline`."""
-    if kind == "llmflow":
-        return run_one(settings, settings.fusion, args)
-    with echo_stack(kind, settings, args.broker) as (running, pids, broker):
-        result = asyncio.run(measure(running, pids, args, broker))
-    with echo_stack(kind, settings, args.broker) as (running, _pids, _broker):
-        return result | asyncio.run(search(running, args))
+    command = None if kind == "llmflow" else echo_command(kind)
+    return run_one(settings, settings.fusion, args, command)
 
 
 def share_rows(runs: dict[str, dict[str, Any]]) -> str:
@@ -166,14 +185,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """A floor worker, as `echo_stack` starts it: `python -m bench.floor aiokafka|faust`."""
-    if argv[:1] not in (["aiokafka"], ["faust"]):
-        raise SystemExit("usage: python -m bench.floor aiokafka|faust")
+    """A floor worker, as `echo_command` starts it: `python -m bench.floor ECHO`."""
+    echoes = get_args(Echo)
+    if len(argv) != 1 or argv[0] not in echoes:
+        raise SystemExit(f"usage: python -m bench.floor {'|'.join(echoes)}")
     settings = load_settings()
-    if argv[0] == "faust":
-        faust_echo(settings)
-    else:
+    if argv[0] == "aiokafka":
         asyncio.run(aiokafka_echo(settings))
+    else:
+        faust_echo(settings, call_model=argv[0] == "faust-model")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from bench.faults import provider_stats
+from bench.floor import echo_command
 from bench.load import (
     LoadRun,
     Outcome,
@@ -65,6 +66,8 @@ UNLIMITED = RateLimit(burst=1e9, per_second=1e9)
 # A Poisson run of n sends keeps its mean rate only to about 1/sqrt(n): fewer would fail the
 # rate criteria by chance.
 MIN_TRIAL_ITEMS = 100
+# The table's columns: llmflow's floor (`--floor`) beside llmflow.
+SYSTEMS = ("direct", "llmflow", "floor", "litellm")
 WARM_UP_ITEMS = 20
 
 
@@ -255,6 +258,15 @@ def ratios(llmflow: dict[str, Any], litellm: dict[str, Any]) -> dict[str, float 
     }
 
 
+def all_ratios(systems: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """`ratios` of llmflow and, when measured, of the floor (keys `floor_...`)."""
+    found = ratios(systems["llmflow"], systems["litellm"])
+    if "floor" in systems:
+        floor = ratios(systems["floor"], systems["litellm"])
+        found |= {f"floor_{key}": value for key, value in floor.items()}
+    return found
+
+
 def fixed_rate_summary(run: LoadRun) -> dict[str, Any]:
     return {
         "rate_rps": run.target_rps,
@@ -372,13 +384,27 @@ def workload(spec: WorkloadSpec, plan: Plan, label: str) -> list[WorkItem]:
     ]
 
 
+def through_ingress(
+    name: str,
+    running: Settings,
+    workload: dict[str, list[WorkItem]],
+    plan: Plan,
+    tenant_key: dict[str, str],
+) -> dict[str, dict[str, Any]]:
+    """`measure_all` through `llmflow serve` in front of the `running` stack."""
+    with IngressProcess(running) as ingress:
+        assert ingress.address is not None
+        target = Target(name, ingress.address, lambda item: tenant_key[item.tenant])
+        return measure_all(target, workload, plan, running.provider_url.removesuffix("/v1"))
+
+
 def run_systems(
     args: argparse.Namespace, plan: Plan, workloads: dict[str, list[WorkItem]]
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per workload, on a fresh stack: the provider alone, llmflow, then LiteLLM, each
-    measured with the other stopped. Tansu's cost grows with every record it holds
-    (`bench.broker`), so a workload measured after another on one broker would pay for the
-    other's records."""
+    measured with the other stopped; with `args.floor`, then the floor on a stack of its
+    own. Tansu's cost grows with every record it holds (`bench.broker`), so a workload
+    measured after another on one broker would pay for the other's records."""
     from llmflow.cli import _embedded  # here: the CLI imports this module
 
     litellm = ensure_peer_venv()
@@ -386,7 +412,8 @@ def run_systems(
     settings, keys = bench_settings(load_settings(args.config), tenants)
     tenant_key = {tenant: key for key, tenant in keys.items()}
     provider_args = ["--latency-ms", str(plan.latency_ms), "--latency-jitter-ms", "0"]
-    by_system: dict[str, dict[str, dict[str, Any]]] = {"direct": {}, "llmflow": {}, "litellm": {}}
+    systems = ["direct", "llmflow", "litellm", *(["floor"] if args.floor else [])]
+    by_system: dict[str, dict[str, dict[str, Any]]] = {system: {} for system in systems}
     for name, items in workloads.items():
         workload = {name: items}
         broker = start_broker(args.broker)
@@ -395,16 +422,20 @@ def run_systems(
             root = url.removesuffix("/v1")
             direct = Target("direct", url, lambda _item: "none")
             by_system["direct"] |= measure_all(direct, workload, replace(plan, search=False), root)
-            with IngressProcess(running) as ingress:
-                assert ingress.address is not None
-                target = Target("llmflow", ingress.address, lambda item: tenant_key[item.tenant])
-                by_system["llmflow"] |= measure_all(target, workload, plan, root)
+            by_system["llmflow"] |= through_ingress("llmflow", running, workload, plan, tenant_key)
             workers.stop()
             config = litellm_config(url, [MODEL], MASTER_KEY)
             with LiteLLMProxy(litellm, config, args.litellm_workers) as proxy:
                 assert proxy.address is not None
                 target = Target("litellm", proxy.address, lambda _item: MASTER_KEY)
                 by_system["litellm"] |= measure_all(target, workload, plan, root)
+        if args.floor:
+            broker = start_broker(args.broker)
+            floor = _embedded(
+                settings, args.workers, provider_args, broker, echo_command("faust-model")
+            )
+            with floor as (running, _workers):
+                by_system["floor"] |= through_ingress("floor", running, workload, plan, tenant_key)
     return by_system
 
 
@@ -441,6 +472,8 @@ def run(args: argparse.Namespace) -> int:
         "processes": {
             "llmflow": f"llmflow serve + {args.workers} faust worker(s), {args.broker}, Redis",
             "litellm": f"litellm proxy, {args.litellm_workers} uvicorn worker(s), no database",
+            "floor": f"llmflow serve + {args.workers} faust agent(s) that only call the model"
+            " (bench.floor faust-model)",
         },
         "litellm_requirement": PEER_REQUIREMENTS.read_text().split()[-1],
         "criteria": {
@@ -459,9 +492,9 @@ def run(args: argparse.Namespace) -> int:
             "max_tokens": s.max_tokens,
             "items": len(workloads[name]),
             **systems,
-            **ratios(systems["llmflow"], systems["litellm"]),
+            **all_ratios(systems),
         }
-    report.update(ratios(by_system["llmflow"]["unique"], by_system["litellm"]["unique"]))
+    report.update(all_ratios({system: runs["unique"] for system, runs in by_system.items()}))
     report["wall_s"] = round(time.monotonic() - started, 1)
     for name, numbers in report["workloads"].items():
         print_table(name, numbers)
@@ -469,9 +502,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def systems_in(numbers: dict[str, Any]) -> list[str]:
+    """The systems a workload's numbers hold, in the table's order."""
+    return [name for name in SYSTEMS if name in numbers]
+
+
 def table_rows(numbers: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """Rows of the side-by-side table: one value per system (direct, llmflow, litellm)."""
-    systems = [numbers[name] for name in ("direct", "llmflow", "litellm")]
+    """Rows of the side-by-side table: one value per system (`SYSTEMS`, those measured)."""
+    systems = [numbers[name] for name in systems_in(numbers)]
 
     def row(label: str, value: Callable[[dict[str, Any]], Any]) -> tuple[str, list[str]]:
         return label, [str(value(system)) for system in systems]
@@ -493,14 +531,14 @@ def table_rows(numbers: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 
 def print_table(name: str, numbers: dict[str, Any]) -> None:
-    rows = [("", ["direct", "llmflow", "litellm"]), *table_rows(numbers)]
+    rows = [("", systems_in(numbers)), *table_rows(numbers)]
     label_width = max(len(label) for label, _ in rows)
-    widths = [max(len(values[i]) for _, values in rows) for i in range(3)]
+    widths = [max(len(values[i]) for _, values in rows) for i in range(len(rows[0][1]))]
     print(f"workload {name} (duplicate share {numbers['duplicate_share']})")
     for label, values in rows:
         cells = "  ".join(f"{value:>{width}}" for value, width in zip(values, widths, strict=True))
         print(f"{label:<{label_width}}  {cells}")
-    for key in ("throughput_ratio", "overhead_p99_ratio", "overhead_p50_ratio"):
+    for key in all_ratios({name: numbers[name] for name in systems_in(numbers)}):
         print(f"{key:<{label_width}}  {numbers[key]}")
 
 
@@ -529,6 +567,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run a workload with this share of exact duplicates (the headline has none)",
     )
     parser.add_argument("--workers", type=int, default=1, help="llmflow's faust workers")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the floor: `llmflow serve` in front of faust agents that only call"
+        " the model (`bench floor`'s faust-model), the most a faust pipeline carries here",
+    )
     add_broker_argument(parser)
     parser.add_argument(
         "--litellm-workers",

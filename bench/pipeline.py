@@ -295,17 +295,26 @@ async def search(settings: Settings, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-def run_one(base: Settings, fusion: Fusion, args: argparse.Namespace) -> dict[str, Any]:
-    """The run at `args.rate` on one stack, the search on another."""
+def run_one(
+    base: Settings,
+    fusion: Fusion,
+    args: argparse.Namespace,
+    worker_command: list[str] | None = None,
+) -> dict[str, Any]:
+    """The run at `args.rate` on one stack, the search on another (`worker_command`:
+    another kind of worker, as `bench floor` measures)."""
     from llmflow.cli import _embedded  # here: the CLI imports this module
 
     settings = bench_settings(base, fusion, args.embed)
     provider_args = ["--latency-ms", str(args.latency_ms), "--latency-jitter-ms", "0"]
     broker = start_broker(args.broker)
-    with _embedded(settings, args.workers, provider_args, broker) as (running, workers):
+    stack = _embedded(settings, args.workers, provider_args, broker, worker_command)
+    with stack as (running, workers):
         pids = [p.pid for p in workers.processes]
         result = asyncio.run(measure(running, pids, args, broker.pid))
-    fresh = _embedded(settings, args.workers, provider_args, start_broker(args.broker))
+    fresh = _embedded(
+        settings, args.workers, provider_args, start_broker(args.broker), worker_command
+    )
     with fresh as (running, _workers):
         result |= asyncio.run(search(running, args))
     return {"fusion": fusion, **result}
@@ -345,14 +354,16 @@ def comparison(
     names = [first, *later]
     header = f"{'':24}" + "".join(f"{n:>12}" for n in names)
     ratios: dict[str, dict[str, float | None]] = {n: {} for n in later}
-    lines = [header + "".join(f"{n + '/' + first:>14}" for n in later)]
+    over = {n: f"{n}/{first}" for n in later}
+    widths = {n: max(14, len(over[n]) + 2) for n in later}
+    lines = [header + "".join(f"{over[n]:>{widths[n]}}" for n in later)]
     for label, key in COMPARED:
         values = [value_at(runs[n], key) for n in names]
         line = f"{label:24}" + "".join(f"{v:>12.1f}" for v in values)
         name = key if isinstance(key, str) else "_".join(key)
         for n, value in zip(later, values[1:], strict=True):
             ratios[n][name] = ratio(value, values[0])
-            line += f"{ratios[n][name] or 0:>14.3f}"
+            line += f"{ratios[n][name] or 0:>{widths[n]}.3f}"
         lines.append(line)
     stages = sorted({s for r in runs.values() for s in r["stage_ms"]})
     for stage in stages:

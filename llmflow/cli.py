@@ -62,9 +62,10 @@ def _embedded(
     workers: int,
     provider_args: list[str],
     broker: TansuBroker | KafkaBroker | None = None,
+    worker_command: list[str] | None = None,
 ) -> Iterator[tuple[Settings, Workers]]:
     """A broker (Tansu unless given one), Redis (or the in-process cache), the simulated
-    provider and the workers."""
+    provider and the workers (`worker_command`: another kind of worker, `Workers`)."""
     run_dir = Path(tempfile.mkdtemp(prefix="llmflow-up-"))
     with contextlib.ExitStack() as stack:
         broker = broker or TansuBroker()
@@ -77,7 +78,7 @@ def _embedded(
         stack.callback(provider.stop)
         settings = settings.model_copy(update=update)
         asyncio.run(create_topics(settings))
-        running = stack.enter_context(Workers(settings, run_dir, workers))
+        running = stack.enter_context(Workers(settings, run_dir, workers, command=worker_command))
         asyncio.run(wait_for_stable_group(settings, workers, timeout_s=180))
         redis = settings.redis_url or "in-process cache (no redis-server on PATH)"
         print(

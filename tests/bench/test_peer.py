@@ -18,6 +18,7 @@ from bench.peer import (
     ItemStream,
     Plan,
     Target,
+    all_ratios,
     bench_settings,
     http_sender,
     items_for,
@@ -31,6 +32,7 @@ from bench.peer import (
     table_rows,
     workload,
 )
+from tests.http_server import serving
 from topology.settings import Settings
 
 PROMPTS = [f"distinct prompt number {n}" for n in range(50)]
@@ -172,6 +174,20 @@ def test_the_table_has_one_column_per_system() -> None:
     assert rows["max sustained req/s"] == ["-", "80.0", "40.0"]
     assert rows["overhead p50 / p99 ms"] == ["10.0 / 20.0"] * 3
     assert rows["fixed rate req/s (sent)"] == ["10 (9.8)"] * 3
+    with_floor = dict(table_rows({**numbers, "floor": {**system, "max_sustained_rps": 700.0}}))
+    assert with_floor["max sustained req/s"] == ["-", "80.0", "700.0", "40.0"]
+
+
+def test_the_floor_s_ratios_sit_beside_llmflow_s_when_it_was_measured() -> None:
+    def system(rps: float, p99: float) -> dict[str, Any]:
+        return {"max_sustained_rps": rps, "overhead_ms": {"p50": p99 / 2, "p99": p99}}
+
+    systems = {"llmflow": system(80.0, 30.0), "litellm": system(120.0, 60.0)}
+    assert all_ratios(systems) == ratios(systems["llmflow"], systems["litellm"])
+    with_floor = all_ratios({**systems, "floor": system(720.0, 15.0)})
+    assert with_floor["throughput_ratio"] == 0.667
+    assert with_floor["floor_throughput_ratio"] == 6.0
+    assert with_floor["floor_overhead_p99_ratio"] == 0.25
 
 
 async def test_the_sender_posts_openai_requests_and_reads_llmflows_status() -> None:
@@ -186,23 +202,13 @@ async def test_the_sender_posts_openai_requests_and_reads_llmflows_status() -> N
         answer = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
         return web.json_response(answer, headers=headers)
 
-    app = web.Application()
-    app.router.add_post("/llmflow/v1/chat/completions", chat)
-    app.router.add_post("/plain/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with aiohttp.ClientSession() as session:
-            llmflow = Target("llmflow", f"http://127.0.0.1:{port}/llmflow/v1", lambda i: i.tenant)
-            plain = Target("plain", f"http://127.0.0.1:{port}/plain/v1", lambda _i: "sk-m")
-            cached = await http_sender(session, llmflow, 50.0)(item(tenant="sk-t"))
-            ok = await http_sender(session, plain, 50.0)(item())
-            refused = await http_sender(session, plain, 50.0)(item(content="refuse"))
-    finally:
-        await runner.cleanup()
+    posts = {"/llmflow/v1/chat/completions": chat, "/plain/v1/chat/completions": chat}
+    async with serving(posts) as url, aiohttp.ClientSession() as session:
+        llmflow = Target("llmflow", f"{url}/llmflow/v1", lambda i: i.tenant)
+        plain = Target("plain", f"{url}/plain/v1", lambda _i: "sk-m")
+        cached = await http_sender(session, llmflow, 50.0)(item(tenant="sk-t"))
+        ok = await http_sender(session, plain, 50.0)(item())
+        refused = await http_sender(session, plain, 50.0)(item(content="refuse"))
     assert (cached.status, cached.provider_ms) == ("cached", 0.0)
     assert (ok.status, ok.provider_ms) == ("ok", 50.0)
     assert refused.status == "error_http_429" and refused.provider_ms is None

@@ -119,6 +119,10 @@ def test_comparison_prints_every_run_and_each_later_one_over_the_first() -> None
     assert ratios["local"]["overhead_p50_ms"] == pytest.approx(0.2)
     assert "key/off" in table and "local/off" in table and "stage dedup p50 ms" in table
     assert comparison({"off": runs["off"]})[1] == {}
+    long_names, _ = comparison({"llmflow": runs["off"], "faust-model": runs["key"]})
+    header, *rows = long_names.splitlines()
+    assert header.split()[-1] == "faust-model/llmflow"
+    assert rows[0].split()[-3:] == ["50.0", "20.0", "0.400"]
 
 
 def test_arguments_default_to_the_issue_rate() -> None:
