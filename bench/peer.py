@@ -48,6 +48,7 @@ from bench.load import (
 )
 from llmflow.brokers import _ProcessServer, start_broker
 from llmflow.reports import write_report
+from llmflow.stack import fixed_latency
 from topology.settings import RateLimit, Settings, load_settings, to_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -411,8 +412,8 @@ def run_systems(
     tenants = sorted({item.tenant for items in workloads.values() for item in items})
     settings, keys = bench_settings(load_settings(args.config), tenants)
     tenant_key = {tenant: key for key, tenant in keys.items()}
-    provider_args = ["--latency-ms", str(plan.latency_ms), "--latency-jitter-ms", "0"]
-    systems = ["direct", "llmflow", "litellm", *(["floor"] if args.floor else [])]
+    provider_args = fixed_latency(plan.latency_ms)
+    systems = [system for system in SYSTEMS if args.floor or system != "floor"]
     by_system: dict[str, dict[str, dict[str, Any]]] = {system: {} for system in systems}
     for name, items in workloads.items():
         workload = {name: items}
@@ -538,8 +539,9 @@ def print_table(name: str, numbers: dict[str, Any]) -> None:
     for label, values in rows:
         cells = "  ".join(f"{value:>{width}}" for value, width in zip(values, widths, strict=True))
         print(f"{label:<{label_width}}  {cells}")
-    for key in all_ratios({name: numbers[name] for name in systems_in(numbers)}):
-        print(f"{key:<{label_width}}  {numbers[key]}")
+    for key, value in numbers.items():
+        if key.endswith("_ratio"):
+            print(f"{key:<{label_width}}  {value}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

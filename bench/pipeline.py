@@ -42,6 +42,7 @@ from bench.load import (
 from llmflow.brokers import start_broker
 from llmflow.client import LLMFlowClient
 from llmflow.reports import write_report
+from llmflow.stack import fixed_latency
 from schemas.messages import ChatMessage, GenerationParams, LLMRequest
 from topology.settings import (
     AdaptiveLimit,
@@ -306,7 +307,7 @@ def run_one(
     from llmflow.cli import _embedded  # here: the CLI imports this module
 
     settings = bench_settings(base, fusion, args.embed)
-    provider_args = ["--latency-ms", str(args.latency_ms), "--latency-jitter-ms", "0"]
+    provider_args = fixed_latency(args.latency_ms)
     broker = start_broker(args.broker)
     stack = _embedded(settings, args.workers, provider_args, broker, worker_command)
     with stack as (running, workers):

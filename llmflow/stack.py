@@ -32,6 +32,12 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> Non
         process.wait()
 
 
+def fixed_latency(latency_ms: float) -> list[str]:
+    """The simulated provider's arguments for `latency_ms` on every call, no jitter: what
+    benchmarks compare systems on."""
+    return ["--latency-ms", str(latency_ms), "--latency-jitter-ms", "0"]
+
+
 class SimulatedProvider:
     """The simulated OpenAI-compatible provider as a child process."""
 

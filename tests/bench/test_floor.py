@@ -19,6 +19,7 @@ from bench.floor import (
 from bench.pipeline import measure
 from llmflow.brokers import start_broker
 from llmflow.cli import _embedded
+from llmflow.stack import fixed_latency
 from schemas.messages import ChatMessage, LLMRequest, LLMResponse, Status, dump
 from tests.http_server import serving
 from topology.settings import load_settings
@@ -113,8 +114,8 @@ def test_an_echo_worker_answers_every_request_of_the_bench_client(echo: Echo) ->
         ]
     )
     broker = start_broker(args.broker)
-    provider = ["--latency-ms", "30", "--latency-jitter-ms", "0"]
-    with _embedded(load_settings(), 1, provider, broker, echo_command(echo)) as (settings, workers):
+    stack = _embedded(load_settings(), 1, fixed_latency(30), broker, echo_command(echo))
+    with stack as (settings, workers):
         pids = [p.pid for p in workers.processes]
         report = asyncio.run(measure(settings, pids, args, broker.pid))
         calls = provider_stats(settings.provider_url.removesuffix("/v1"))["calls"]
