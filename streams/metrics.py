@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Set
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from faust.types import TP
@@ -226,14 +227,20 @@ consumer_lag = Gauge(
 
 @contextmanager
 def batch_processing(model: str, size: int) -> Iterator[None]:
-    """Time one dispatched batch; its request-seconds are the efficiency's denominator."""
+    """Time one dispatched batch; its request-seconds are the efficiency's denominator.
+    Its calls' time joins the efficiency with its own when it ends, so a sample between
+    the last call's end and the batch's cannot put the two in different intervals."""
     started = time.monotonic()
+    batch = Efficiency()
+    token = running_batch.set(batch)
     try:
         yield
     finally:
+        running_batch.reset(token)
         seconds = time.monotonic() - started
         batch_processing_latency.labels(model).observe(seconds)
-        efficiency.capacity += size * seconds
+        batch.capacity = size * seconds
+        efficiency.add(batch)
 
 
 @contextmanager
@@ -247,7 +254,7 @@ def upstream_call(model: str) -> Iterator[None]:
         upstream_latency.labels(model).observe(time.monotonic() - started)
     finally:
         requests_in_flight.dec()
-        efficiency.busy += time.monotonic() - started
+        (running_batch.get() or efficiency).busy += time.monotonic() - started
 
 
 @contextmanager
@@ -304,6 +311,10 @@ class Efficiency:
         self.busy = 0.0
         self.capacity = 0.0
 
+    def add(self, other: Efficiency) -> None:
+        self.busy += other.busy
+        self.capacity += other.capacity
+
     def sample(self) -> float | None:
         """The interval's ratio (None when no batch ran), and a new interval begins."""
         busy, capacity = self.busy, self.capacity
@@ -314,6 +325,8 @@ class Efficiency:
 
 
 efficiency = Efficiency()
+# The batch `batch_processing` runs in this context (its calls run in tasks that inherit it).
+running_batch: ContextVar[Efficiency | None] = ContextVar("running_batch", default=None)
 
 
 def cgroup_value(path: Path) -> str | None:

@@ -101,6 +101,16 @@ def test_a_batch_and_its_calls_feed_the_latency_histograms_and_the_efficiency() 
     assert ratio is not None and 0.0 < ratio <= 0.5
 
 
+def test_a_sample_between_a_batch_s_calls_and_its_end_leaves_them_together() -> None:
+    efficiency.sample()
+    with batch_processing("eff-test", 1):
+        with upstream_call("eff-test"):
+            time.sleep(0.01)
+        assert efficiency.sample() is None  # the sampler's timer fires here
+    ratio = efficiency.sample()
+    assert ratio is not None and ratio > 0.5
+
+
 def test_usage_counts_tokens_by_kind_and_spend_by_tenant() -> None:
     before = sample("llmflow_spend_usd_total", model="use-test", tenant="acme")
     count_usage(
