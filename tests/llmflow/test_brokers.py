@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from llmflow.brokers import (
     start_broker,
     wait_for_port,
 )
+
+TOPIC_VISIBLE_S = 10.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,7 +131,12 @@ async def test_kafka_produce_consume_and_admin(tmp_path: Path) -> None:
         await admin.start()
         try:
             await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-            assert topic in await admin.list_topics()
+            # A created topic reaches the broker's metadata a moment after the controller
+            # answers (KRaft), so it is looked for until a deadline.
+            deadline = time.monotonic() + TOPIC_VISIBLE_S
+            while topic not in (listed := await admin.list_topics()):
+                assert time.monotonic() < deadline, f"{topic} not in {listed}"
+                await asyncio.sleep(0.1)
             (described,) = await admin.describe_topics([topic])
             assert len(described["partitions"]) == 4
         finally:
